@@ -1,0 +1,124 @@
+"""Per-modality steps from a decoded sample to tensors, chosen in YAML by ``class_path``.
+
+A transform receives the output of ``decoders.decode_sample`` and returns a flat dict that
+``collate`` can batch: the main tensor under ``"x"`` plus conditioning (``"cls"``, ``"txt"``)
+and ``"__key__"``. It raises ``BadSample`` for samples it cannot use; the pipeline skips them.
+A new modality is a new ``SampleTransform`` subclass (video, audio, shape latents), never a
+branch inside an existing one.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from datamodules.decoders import IMAGE_EXTENSIONS, BadSample
+
+
+class SampleTransform:
+    """Base: ``__call__(decoded) -> dict``; shared helpers for keys, labels and captions."""
+
+    def __call__(self, decoded: dict) -> dict:
+        raise NotImplementedError
+
+    @staticmethod
+    def where(decoded: dict) -> str:
+        """``"<shard>:<key>"`` for error messages."""
+        return f"{decoded.get('__url__', '?')}:{decoded.get('__key__', '?')}"
+
+    def first_present(self, decoded: dict, keys: tuple[str, ...]) -> tuple[str, Any]:
+        """The first of ``keys`` present in the sample, or BadSample naming what was expected."""
+        for key in keys:
+            if key in decoded:
+                return key, decoded[key]
+        fields = sorted(k for k in decoded if not k.startswith("__"))
+        raise BadSample(f"{self.where(decoded)}: missing field, expected one of {list(keys)}, found {fields}")
+
+    def conditioning(self, decoded: dict) -> dict:
+        """Class label (-1 when absent), caption ("" when absent) and key."""
+        label = decoded.get("cls", -1)
+        caption = decoded.get("txt", "")
+        if not isinstance(label, (int, np.integer)) or isinstance(label, bool):
+            raise BadSample(f"{self.where(decoded)}: cls: expected an int, got {type(label).__name__}")
+        if not isinstance(caption, str):
+            raise BadSample(f"{self.where(decoded)}: txt: expected a str, got {type(caption).__name__}")
+        return {"cls": int(label), "txt": caption, "__key__": decoded.get("__key__", "")}
+
+
+class ImageTransform(SampleTransform):
+    """Image -> ``x`` float32 (3, size, size) in [-1, 1]: resize the shorter side, centre crop.
+
+    Args:
+        size: Output side in pixels.
+        random_flip: Flip horizontally with probability 1/2.
+        image_key: Comma-separated sample fields to look for, first match wins. Fields may hold
+            decoded images (uint8 (H, W, 3)) or ``npy`` arrays: uint8, or float in [0, 1];
+            (H, W) grey arrays are repeated to 3 channels.
+    """
+
+    def __init__(self, size: int = 32, random_flip: bool = False, image_key: str = ",".join(IMAGE_EXTENSIONS)):
+        if size <= 0:
+            raise ValueError(f"ImageTransform: size must be positive, got {size}")
+        self.size = size
+        self.random_flip = random_flip
+        self.image_keys = tuple(k.strip() for k in image_key.split(",") if k.strip())
+
+    def __call__(self, decoded: dict) -> dict:
+        field, image = self.first_present(decoded, self.image_keys)
+        x = self.to_tensor(image, f"{self.where(decoded)}: {field}")  # (3, H, W) in [-1, 1]
+        x = self.resize_crop(x)  # (3, size, size)
+        if self.random_flip and torch.rand(()) < 0.5:
+            x = x.flip(-1)
+        return {"x": x.contiguous(), **self.conditioning(decoded)}
+
+    @staticmethod
+    def to_tensor(image: Any, where: str) -> torch.Tensor:
+        if not isinstance(image, np.ndarray):
+            raise BadSample(f"{where}: expected an image array, got {type(image).__name__}")
+        if image.ndim == 2:
+            image = np.repeat(image[:, :, None], 3, axis=2)
+        if image.ndim != 3 or image.shape[2] != 3 or image.shape[0] == 0 or image.shape[1] == 0:
+            raise BadSample(f"{where}: expected an (H, W, 3) image, got shape {image.shape}")
+        if image.dtype == np.uint8:
+            x = torch.from_numpy(np.ascontiguousarray(image)).float() / 127.5 - 1.0
+        elif np.issubdtype(image.dtype, np.floating):
+            if not np.isfinite(image).all():
+                raise BadSample(f"{where}: image holds NaN or inf")
+            if image.min() < 0.0 or image.max() > 1.0:
+                raise BadSample(f"{where}: float image outside [0, 1]")
+            x = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float32)) * 2.0 - 1.0
+        else:
+            raise BadSample(f"{where}: expected uint8 or float image, got dtype {image.dtype}")
+        return x.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+
+    def resize_crop(self, x: torch.Tensor) -> torch.Tensor:
+        _, height, width = x.shape
+        if (height, width) != (self.size, self.size):
+            scale = self.size / min(height, width)
+            new_h, new_w = max(self.size, round(height * scale)), max(self.size, round(width * scale))
+            x = F.interpolate(x[None], size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False)[0]
+            top, left = (new_h - self.size) // 2, (new_w - self.size) // 2
+            x = x[:, top : top + self.size, left : left + self.size].clamp(-1.0, 1.0)
+        return x
+
+
+def collate(samples: list[dict]) -> dict:
+    """Batch transform outputs key by key: tensors stacked, ints -> LongTensor, floats -> tensor, rest -> list."""
+    if not samples:
+        raise ValueError("collate: empty batch")
+    batch = {}
+    for key in samples[0]:
+        values = [sample[key] for sample in samples]
+        first = values[0]
+        if isinstance(first, torch.Tensor):
+            batch[key] = torch.stack(values)
+        elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
+            batch[key] = torch.tensor(values, dtype=torch.long)
+        elif isinstance(first, float):
+            batch[key] = torch.tensor(values, dtype=torch.float32)
+        else:
+            batch[key] = values
+    return batch
