@@ -1,0 +1,184 @@
+"""The one attention entry point: backend choice, tensor layout, packed (varlen) batches.
+
+Backends:
+  xformers  memory_efficient_attention; packed batches use a BlockDiagonalMask. CUDA only
+            (xformers 0.0.35 ships no CPU kernel). Imported lazily here and nowhere else.
+  sdpa      torch scaled_dot_product_attention; packed batches loop over the segments, so
+            the cost stays sum(n_i^2) instead of the N^2 a dense block-diagonal mask would cost.
+  math      naive softmax in (at least) float32 with a dense mask: the reference for tests.
+  auto      xformers when it imports and the tensors are on CUDA, else sdpa.
+
+Legend: B batch, N tokens, H heads, D head dim.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import math
+from types import ModuleType
+from typing import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import Tensor, nn
+
+log = logging.getLogger("duoflow.attention")
+
+BACKENDS = ("auto", "xformers", "sdpa", "math")
+
+
+# ---------------------------------------------------------------- xformers, lazily
+
+
+@functools.lru_cache(maxsize=None)
+def _load_xformers() -> tuple[ModuleType | None, str]:
+    """Import xformers.ops once; return (module, "") or (None, why it is unavailable)."""
+    try:
+        import xformers.ops as xops
+    except Exception as e:  # ImportError, or a broken build raising something else
+        reason = f"{type(e).__name__}: {e}".strip()
+        log.info("xformers unavailable: %s", reason)
+        return None, reason
+    return xops, ""
+
+
+def _xformers_reason(device: torch.device) -> str:
+    """Why xformers cannot run on `device`, or "" if it can (as far as import and device tell)."""
+    xops, reason = _load_xformers()
+    if xops is None:
+        return f"import failed ({reason})"
+    if device.type != "cuda":
+        return f"no {device.type} kernel in xformers (needs CUDA tensors)"
+    return ""
+
+
+def resolve_backend(device: torch.device, backend: str = "auto") -> str:
+    """The backend `attention` runs on `device` for the requested `backend`."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    device = torch.device(device)
+    if backend == "auto":
+        return "xformers" if not _xformers_reason(device) else "sdpa"
+    if backend == "xformers":
+        reason = _xformers_reason(device)
+        if reason:
+            raise RuntimeError(f"attention backend 'xformers' cannot run on {device}: {reason}")
+    return backend
+
+
+@functools.lru_cache(maxsize=None)
+def _log_choice(device: str, requested: str, chosen: str) -> None:
+    log.info("attention on %s: requested %r -> using %s", device, requested, chosen)
+
+
+# ---------------------------------------------------------------- kernels
+
+
+def _xformers(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
+    xops, _ = _load_xformers()
+    assert xops is not None
+    bias = None
+    if seqlens is not None:
+        bias = xops.fmha.BlockDiagonalMask.from_seqlens(list(seqlens), device=q.device)
+    return xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, N, H, D), xformers' own layout
+
+
+def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+    q, k, v = (rearrange(t, "b n h d -> b h n d") for t in (q, k, v))
+    out = F.scaled_dot_product_attention(q, k, v)  # (B, H, N, D)
+    return rearrange(out, "b h n d -> b n h d")
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
+    if seqlens is None:
+        return _sdpa_dense(q, k, v)
+    # one call per segment: sum(n_i^2) work, no N x N mask
+    segs = [
+        _sdpa_dense(qs, ks, vs) if n > 0 else qs
+        for n, qs, ks, vs in zip(seqlens, *(t.split(list(seqlens), dim=1) for t in (q, k, v)))
+    ]
+    return torch.cat(segs, dim=1)  # (1, N, H, D)
+
+
+def _math(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
+    dtype = torch.promote_types(q.dtype, torch.float32)
+    qf, kf, vf = (rearrange(t.to(dtype), "b n h d -> b h n d") for t in (q, k, v))
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, N)
+    if seqlens is not None:
+        seg = torch.repeat_interleave(
+            torch.arange(len(seqlens), device=q.device), torch.tensor(list(seqlens), device=q.device)
+        )  # (N,) token -> sample
+        scores = scores.masked_fill(seg[:, None] != seg[None, :], float("-inf"))
+    out = scores.softmax(dim=-1) @ vf  # (B, H, N, D)
+    return rearrange(out, "b h n d -> b n h d").to(q.dtype)
+
+
+_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Sequence[int] | None], Tensor]] = {
+    "xformers": _xformers,
+    "sdpa": _sdpa,
+    "math": _math,
+}
+
+
+def attention(
+    q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None = None, backend: str = "auto"
+) -> Tensor:
+    """Softmax attention, (B, N, H, D) in and out, scale 1/sqrt(D).
+
+    seqlens: a packed variable-length batch (B == 1, sum(seqlens) == N); a token of sample i
+    attends only to sample i (block-diagonal).
+    """
+    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
+        raise ValueError(f"attention expects q, k, v as (B, N, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if seqlens is not None:
+        seqlens = list(seqlens)
+        if q.shape[0] != 1 or sum(seqlens) != q.shape[1]:
+            raise ValueError(
+                f"attention: packed seqlens need B == 1 and sum(seqlens) == N, got B={q.shape[0]}, "
+                f"N={q.shape[1]}, sum(seqlens)={sum(seqlens)}"
+            )
+    name = resolve_backend(q.device, backend)
+    if name == "xformers" and backend == "auto" and q.dtype == torch.float64:
+        name = "sdpa"  # xformers has no float64 kernel; auto should not fail on it
+    _log_choice(str(q.device), backend, name)
+    return _KERNELS[name](q, k, v, seqlens)
+
+
+def backend_report() -> dict[str, str]:
+    """What really runs here, for `doctor`: each backend is tried on a tiny input."""
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    report: dict[str, str] = {}
+    for name in ("xformers", "sdpa", "math"):
+        ok, errors = [], []
+        for dev in devices:
+            dtype = torch.float16 if dev.type == "cuda" else torch.float32
+            q = torch.randn(1, 8, 2, 16, device=dev, dtype=dtype)
+            try:
+                out = attention(q, q, q, seqlens=[3, 5], backend=name)
+                if not torch.isfinite(out).all():
+                    raise RuntimeError("non-finite output")
+                ok.append(dev.type)
+            except Exception as e:
+                errors.append(f"{dev.type}: {e}")
+        report[name] = f"ok ({', '.join(ok)})" if ok else f"unavailable: {'; '.join(errors)}"
+    report["auto"] = ", ".join(f"{d.type} -> {resolve_backend(d)}" for d in devices)
+    return report
+
+
+# ---------------------------------------------------------------- QK norm
+
+
+class RMSNorm(nn.Module):
+    """RMS norm over the last dim; used as QK-norm so attention logits stay bounded in bf16 (SD3)."""
+
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        xf = xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + self.eps)
+        return (xf * self.weight.to(xf.dtype)).to(x.dtype)

@@ -1,0 +1,15 @@
+"""The first stage for data trained in its own space (pixels in [-1, 1])."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+
+
+class Identity(nn.Module):
+    """Encode and decode are the identity; has no parameters, so nothing is saved for it."""
+
+    def encode(self, x: Tensor) -> Tensor:
+        return x
+
+    def decode(self, z: Tensor) -> Tensor:
+        return z

@@ -1,0 +1,135 @@
+"""Conditions: what the generated stream attends to (context tokens) and a pooled vector for adaLN.
+
+Letters: B batch, L context tokens, D model width.
+Each condition is a small config dataclass (picked in YAML by class_path) whose `build(dim)`
+makes the trainable module once the backbone width is known, so the width is set in one place.
+Every condition has a null value (dropped condition) for classifier-free guidance.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+
+class ConditionModule(nn.Module):
+    """forward(cond, drop) -> (tokens (B, L, D), pooled (B, D)); drop (B,) bool selects the null condition."""
+
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+        raise NotImplementedError
+
+    def preview(self, num: int) -> dict[str, Any]:
+        """Conditions for `num` preview samples that show what the model learned."""
+        return {}
+
+
+class Condition:
+    """Base of the condition configs (a plain base class so YAML can pick one by class_path)."""
+
+    def build(self, dim: int) -> ConditionModule:  # pragma: no cover
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class ClassLabel(Condition):
+    """Class-conditional generation: one learned embedding per class plus a null class."""
+
+    num_classes: int = 4
+    """Number of classes; labels are 0..num_classes-1 (the `cls` field of a sample)."""
+
+    def build(self, dim: int) -> ConditionModule:
+        return ClassEmbedder(self.num_classes, dim)
+
+
+class ClassEmbedder(ConditionModule):
+    def __init__(self, num_classes: int, dim: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.table = nn.Embedding(num_classes + 1, dim)  # last row = null class
+        nn.init.normal_(self.table.weight, std=0.02)
+
+
+    def preview(self, num: int) -> dict[str, Any]:
+        return {"cls": [i % self.num_classes for i in range(num)]}
+
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
+        labels = torch.as_tensor(cond["cls"], device=self.table.weight.device).long()
+        if ((labels < 0) | (labels >= self.num_classes)).any():
+            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
+            raise ValueError(f"class label {bad} outside 0..{self.num_classes - 1} (model.conditioning.num_classes)")
+        labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
+        emb = self.table(labels)  # (B, D)
+        return emb[:, None], emb
+
+
+@dataclass(frozen=True)
+class ByteText(Condition):
+    """Text conditioning by a small byte-level transformer trained from scratch with the generator.
+
+    Bytes need no vocabulary file and no download; the empty caption is the null condition (SD3)."""
+
+    max_len: int = 64
+    """Captions are cut to this many UTF-8 bytes."""
+    layers: int = 2
+    """Transformer layers of the text encoder."""
+    heads: int = 4
+    prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow cross")
+    """Captions used for preview samples."""
+
+    def build(self, dim: int) -> ConditionModule:
+        return ByteTextEncoder(dim, self.max_len, self.layers, self.heads, self.prompts)
+
+
+class ByteTextEncoder(ConditionModule):
+    PAD = 256
+
+    def __init__(self, dim: int, max_len: int, layers: int, heads: int, prompts: tuple[str, ...] = ()):
+        super().__init__()
+        self.max_len = max_len
+        self.prompts = tuple(prompts) or ("",)
+        self.embed = nn.Embedding(257, dim)
+        self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
+        nn.init.normal_(self.embed.weight, std=0.02)
+        nn.init.normal_(self.pos, std=0.02)
+        layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(dim)
+
+
+    def preview(self, num: int) -> dict[str, Any]:
+        return {"txt": [self.prompts[i % len(self.prompts)] for i in range(num)]}
+
+    def encode_bytes(self, texts: list[str]) -> Tensor:
+        """(B, max_len) byte ids, PAD-filled; long captions are truncated."""
+        out = torch.full((len(texts), self.max_len), self.PAD, dtype=torch.long)
+        for i, text in enumerate(texts):
+            data = list(text.encode("utf-8")[: self.max_len])
+            out[i, : len(data)] = torch.tensor(data, dtype=torch.long)
+        return out.to(self.pos.device)
+
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
+        texts = ["" if d else t for t, d in zip(cond["txt"], drop.tolist())]
+        h = self.norm(self.encoder(self.embed(self.encode_bytes(texts)) + self.pos))  # (B, L, D)
+        return h, h.mean(1)
+
+
+@dataclass(frozen=True)
+class Unconditional(Condition):
+    """No condition: one learned context token (the backbone needs a context stream)."""
+
+    def build(self, dim: int) -> ConditionModule:
+        return NullEmbedder(dim)
+
+
+class NullEmbedder(ConditionModule):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.token = nn.Parameter(torch.randn(1, 1, dim) * 0.02)
+
+
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
+        tok = self.token.expand(drop.shape[0], -1, -1)
+        return tok, tok[:, 0]

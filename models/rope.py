@@ -1,0 +1,55 @@
+"""n-D axial rotary position embedding (Lumina / Flux style).
+
+The head dim is split into one even part per position axis (time, height, width ...); each
+part rotates consecutive pairs (x[2j], x[2j+1]) by pos_axis * theta^(-2j/d_axis). The score
+q_m . k_n then depends on positions only through m - n, per axis. A stream without positions
+(a text context, a latent set) simply gets no rotation.
+
+Legend: B batch, N tokens, H heads, D head dim, A position axes.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+
+def default_axes_dims(head_dim: int, n_axes: int) -> list[int]:
+    """Split head_dim into n_axes even parts; the first axes get the remainder."""
+    if n_axes < 1:
+        raise ValueError(f"rope: n_axes must be >= 1, got {n_axes}")
+    if head_dim % 2 or head_dim // 2 < n_axes:
+        raise ValueError(f"rope: head_dim={head_dim} must be even and give each of {n_axes} axes at least 2 dims")
+    pairs, rem = divmod(head_dim // 2, n_axes)
+    return [2 * (pairs + (i < rem)) for i in range(n_axes)]
+
+
+def rope_cos_sin(pos: Tensor, axes_dims: Sequence[int], theta: float = 10000.0) -> tuple[Tensor, Tensor]:
+    """cos, sin of the rotation angles, each (B, N, D//2) float32, from positions (B, N, A)."""
+    if pos.ndim != 3 or pos.shape[-1] != len(axes_dims):
+        raise ValueError(f"rope: positions must be (B, N, {len(axes_dims)}), got {tuple(pos.shape)}")
+    if any(d % 2 or d <= 0 for d in axes_dims):
+        raise ValueError(f"rope: every axes_dim must be even and > 0, got {list(axes_dims)}")
+    # float64 angles as Flux does: positions * freqs can be large, float32 loses the phase
+    posd = pos.to(torch.float64)
+    angles = []
+    for a, d in enumerate(axes_dims):
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=pos.device) / d)  # (d/2,)
+        angles.append(posd[..., a, None] * freqs)  # (B, N, d/2)
+    ang = torch.cat(angles, dim=-1)  # (B, N, D/2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, N, H, D) by cos/sin (B, N, D//2); computed in >= float32."""
+    if cos.shape[-1] * 2 != x.shape[-1]:
+        raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    x0, x1 = rearrange(x.to(dtype), "b n h (d two) -> two b n h d", two=2)  # each (B, N, H, D/2)
+    cos = rearrange(cos.to(dtype), "b n d -> b n 1 d")
+    sin = rearrange(sin.to(dtype), "b n d -> b n 1 d")
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, N, H, D/2, 2)
+    return rearrange(out, "b n h d two -> b n h (d two)").to(x.dtype)

@@ -1,0 +1,57 @@
+"""2-D patch tokenizer for images (or image latents).
+
+Letters: B batch, C channels, H/W height/width, p patch size, N = (H/p)(W/p) tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from models.tokenizers.base import Tokenizer
+
+
+@dataclass(frozen=True)
+class ImagePatches(Tokenizer):
+    channels: int = 3
+    """Channels of the latent (3 for RGB pixels)."""
+    size: int = 32
+    """Height and width of the latent that samples are generated at."""
+    patch: int = 2
+    """Patch side; each token holds channels * patch * patch values."""
+
+    def __post_init__(self) -> None:
+        if self.size % self.patch:
+            raise ValueError(f"ImagePatches: size={self.size} must be a multiple of patch={self.patch}")
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch * self.patch
+
+    rope_axes: ClassVar[int] = 2
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.size, self.size)
+
+    def num_tokens(self, height: int | None = None, width: int | None = None) -> int:
+        return ((height or self.size) // self.patch) * ((width or self.size) // self.patch)
+
+    def positions(self, height: int, width: int, device: torch.device | None = None) -> Tensor:
+        """(N, 2) integer (row, col) grid of patch positions."""
+        rows = torch.arange(height // self.patch, device=device)
+        cols = torch.arange(width // self.patch, device=device)
+        return torch.stack(torch.meshgrid(rows, cols, indexing="ij"), -1).reshape(-1, 2).float()
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, _, h, w = x.shape
+        tokens = rearrange(x, "b c (h p) (w q) -> b (h w) (c p q)", p=self.patch, q=self.patch)
+        pos = self.positions(h, w, x.device).expand(b, -1, -1)  # (B, N, 2)
+        return tokens, pos
+
+    def untokenize(self, tokens: Tensor, shape: tuple[int, ...]) -> Tensor:
+        h, w = shape[-2] // self.patch, shape[-1] // self.patch
+        return rearrange(tokens, "b (h w) (c p q) -> b c (h p) (w q)", h=h, w=w, p=self.patch, q=self.patch)

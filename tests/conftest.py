@@ -1,0 +1,22 @@
+"""Shared fixtures: small synthetic shards written once per session, W&B offline."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("WANDB_MODE", "offline")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def image_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from datamodules.synthetic import write_synthetic
+
+    out = tmp_path_factory.mktemp("image-shards")
+    write_synthetic("image", str(out), num=96, shard_size=32, seed=0, image_size=16, progress=False)
+    return out

@@ -1,0 +1,230 @@
+"""Attention backends against each other and against per-sample runs; the packing Layout."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from models import attention as attn_mod
+from models.attention import RMSNorm, attention, backend_report, resolve_backend
+from models.packing import Layout
+
+H, D = 2, 8
+
+
+def _qkv(n: int, b: int = 1, dtype: torch.dtype = torch.float64, device: str = "cpu", seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(b, n, H, D, generator=g, dtype=torch.float64).to(device=device, dtype=dtype) for _ in range(3)]
+
+
+def _random_lengths(seed: int, n_samples: int = 5, max_len: int = 13) -> list[int]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(1, max_len, (n_samples,), generator=g).tolist()
+
+
+# ---------------------------------------------------------------- packed vs per sample
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_packed_equals_per_sample(backend: str, seed: int) -> None:
+    seqlens = _random_lengths(seed)
+    q, k, v = _qkv(sum(seqlens), seed=seed)
+    packed = attention(q, k, v, seqlens=seqlens, backend=backend)  # (1, N, H, D)
+
+    per_sample = [
+        attention(qs, ks, vs, backend="math")
+        for qs, ks, vs in zip(*(t.split(seqlens, dim=1) for t in (q, k, v)))
+    ]
+    torch.testing.assert_close(packed, torch.cat(per_sample, dim=1), rtol=1e-10, atol=1e-10)
+
+
+def test_packed_is_not_full_attention() -> None:
+    """The block-diagonal mask matters: packed output differs from attending over everything."""
+    seqlens = [4, 7]
+    q, k, v = _qkv(sum(seqlens))
+    for backend in ("sdpa", "math"):
+        assert not torch.allclose(attention(q, k, v, seqlens, backend), attention(q, k, v, None, backend))
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_padded_batch_and_packed_agree(backend: str) -> None:
+    seqlens = _random_lengths(3, n_samples=4)
+    n_max = max(seqlens)
+    q, k, v = _qkv(sum(seqlens))
+    packed = attention(q, k, v, seqlens=seqlens, backend=backend)
+
+    # the same samples padded to n_max, keys masked past each length
+    def pad(t: torch.Tensor) -> torch.Tensor:
+        return torch.stack([F.pad(s[0], (0, 0, 0, 0, 0, n_max - s.shape[1])) for s in t.split(seqlens, dim=1)])
+
+    qp, kp, vp = (pad(t).transpose(1, 2) for t in (q, k, v))  # (B, H, N_max, D)
+    valid = torch.arange(n_max)[None, :] < torch.tensor(seqlens)[:, None]  # (B, N_max)
+    padded = F.scaled_dot_product_attention(qp, kp, vp, attn_mask=valid[:, None, None, :]).transpose(1, 2)
+    for i, (out, n) in enumerate(zip(packed.split(seqlens, dim=1), seqlens)):
+        torch.testing.assert_close(out[0], padded[i, :n], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_regular_batch_equals_packed_equal_lengths(backend: str) -> None:
+    b, n = 3, 6
+    q, k, v = _qkv(n, b=b)
+    regular = attention(q, k, v, backend=backend)  # (B, N, H, D)
+    flat = [t.reshape(1, b * n, H, D) for t in (q, k, v)]
+    packed = attention(*flat, seqlens=[n] * b, backend=backend)
+    torch.testing.assert_close(packed.reshape(b, n, H, D), regular, rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------- backends agree
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-10), (torch.float32, 1e-5)])
+def test_sdpa_matches_math(dtype: torch.dtype, tol: float) -> None:
+    q, k, v = _qkv(17, b=2, dtype=dtype)
+    torch.testing.assert_close(attention(q, k, v, backend="sdpa"), attention(q, k, v, backend="math"), rtol=tol, atol=tol)
+
+
+def test_math_matches_closed_form() -> None:
+    """Independent check of the reference: softmax(q k^T / sqrt(D)) v written out by hand."""
+    q, k, v = _qkv(5)
+    scores = torch.einsum("bnhd,bmhd->bhnm", q, k) / D**0.5
+    expected = torch.einsum("bhnm,bmhd->bnhd", scores.softmax(-1), v)
+    torch.testing.assert_close(attention(q, k, v, backend="math"), expected)
+
+
+@pytest.mark.parametrize("packed", [False, True])
+def test_xformers_matches_sdpa(packed: bool) -> None:
+    if not torch.cuda.is_available():
+        pytest.skip("xformers kernel needs CUDA")
+    seqlens = [5, 11, 3] if packed else None
+    q, k, v = _qkv(19, dtype=torch.float16, device="cuda")
+    out = attention(q, k, v, seqlens=seqlens, backend="xformers")
+    ref = attention(q, k, v, seqlens=seqlens, backend="sdpa")
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    assert resolve_backend(q.device, "auto") == "xformers"
+
+
+# ---------------------------------------------------------------- backend choice, errors, report
+
+
+def test_auto_resolves_to_sdpa_on_cpu() -> None:
+    assert resolve_backend(torch.device("cpu"), "auto") == "sdpa"
+    assert resolve_backend(torch.device("cpu"), "math") == "math"
+
+
+def test_forced_xformers_on_cpu_says_why() -> None:
+    q, k, v = _qkv(4, dtype=torch.float32)
+    with pytest.raises(RuntimeError, match="xformers.*cpu"):
+        attention(q, k, v, backend="xformers")
+
+
+def test_unknown_backend_names_accepted_values() -> None:
+    q, k, v = _qkv(4)
+    with pytest.raises(ValueError, match="auto, xformers, sdpa, math"):
+        attention(q, k, v, backend="flash")
+
+
+def test_bad_seqlens_rejected() -> None:
+    q, k, v = _qkv(6)
+    with pytest.raises(ValueError, match="sum"):
+        attention(q, k, v, seqlens=[2, 3])
+    q, k, v = _qkv(6, b=2)
+    with pytest.raises(ValueError, match="B == 1"):
+        attention(q, k, v, seqlens=[3, 3])
+
+
+def test_backend_report_runs_kernels() -> None:
+    report = backend_report()
+    assert report["sdpa"].startswith("ok") and report["math"].startswith("ok")
+    if torch.cuda.is_available():
+        assert report["xformers"] == "ok (cuda)"
+    else:
+        assert report["xformers"].startswith("unavailable: ") and len(report["xformers"]) > len("unavailable: ")
+
+
+def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
+    attn_mod._log_choice.cache_clear()
+    q, k, v = _qkv(4)
+    with caplog.at_level(logging.INFO, logger="duoflow.attention"):
+        attention(q, k, v, backend="auto")
+        attention(q, k, v, backend="auto")
+    msgs = [r.getMessage() for r in caplog.records if r.name == "duoflow.attention"]
+    assert len(msgs) == 1 and "sdpa" in msgs[0]
+
+
+# ---------------------------------------------------------------- RMSNorm
+
+
+def test_rmsnorm_unit_rms_and_dtype() -> None:
+    norm = RMSNorm(D)
+    x = torch.randn(2, 3, H, D, dtype=torch.bfloat16) * 50
+    out = norm(x)
+    assert out.dtype == torch.bfloat16
+    rms = out.float().pow(2).mean(-1).sqrt()
+    torch.testing.assert_close(rms, torch.ones_like(rms), rtol=2e-2, atol=2e-2)
+    with torch.no_grad():
+        norm.weight.fill_(2.0)
+    torch.testing.assert_close(norm(x).float(), 2 * out.float(), rtol=2e-2, atol=2e-2)
+
+
+# ---------------------------------------------------------------- Layout
+
+
+def _tagged_streams(lengths: list[list[int]], trailing: tuple[int, ...] = ()) -> list[torch.Tensor]:
+    """Packed streams whose every token holds 100 * sample + 10 * stream + its index within the segment."""
+    xs = []
+    for s, lens in enumerate(lengths):
+        vals = [100 * i + 10 * s + j for i, n in enumerate(lens) for j in range(n)]
+        x = torch.tensor(vals, dtype=torch.float64).reshape(1, -1, *([1] * len(trailing)))
+        xs.append(x.expand(1, -1, *trailing).clone())
+    return xs
+
+
+@pytest.mark.parametrize("trailing", [(), (4,), (H, D)])
+def test_layout_packed_join_orders_by_sample_and_split_inverts(trailing: tuple[int, ...]) -> None:
+    lengths = [[3, 1, 2], [2, 0, 4], [1, 1, 1]]
+    layout = Layout.packed(lengths)
+    xs = _tagged_streams(lengths, trailing)
+    joined = layout.join(xs)
+    assert joined.shape == (1, 15, *trailing)
+    expected = [100 * i + 10 * s + j for i in range(3) for s in range(3) for j in range(lengths[s][i])]
+    assert joined[0].reshape(15, -1)[:, 0].tolist() == expected
+    assert layout.joint_seqlens() == [6, 2, 7]
+    for x, back in zip(xs, layout.split(joined)):
+        assert torch.equal(x, back)
+
+
+def test_layout_regular_join_split_round_trip() -> None:
+    layout = Layout()
+    xs = [torch.randn(2, n, H, D) for n in (5, 3, 1)]
+    joined = layout.join(xs)
+    assert torch.equal(joined, torch.cat(xs, dim=1))
+    for x, back in zip(xs, layout.split(joined)):
+        assert torch.equal(x, back)
+    for x, back in zip(xs, Layout().split(joined, sizes=[5, 3, 1])):
+        assert torch.equal(x, back)
+    with pytest.raises(ValueError, match="sizes"):
+        Layout().split(joined)
+    assert layout.joint_seqlens() is None and layout.num_samples() is None and layout.stream_seqlens(0) is None
+
+
+def test_layout_expand() -> None:
+    per_sample = torch.arange(3.0)[:, None].expand(3, 4)  # (S, F): row i holds i
+    assert Layout().expand(per_sample, 0).shape == (3, 1, 4)
+    layout = Layout.packed([[2, 1, 3], [1, 1, 1]])
+    e0, e1 = layout.expand(per_sample, 0), layout.expand(per_sample, 1)
+    assert e0.shape == (1, 6, 4) and e1.shape == (1, 3, 4)
+    assert e0[0, :, 0].tolist() == [0, 0, 1, 2, 2, 2]
+    assert e1[0, :, 0].tolist() == [0, 1, 2]
+    assert layout.num_samples() == 3 and layout.stream_seqlens(0) == [2, 1, 3]
+
+
+def test_layout_rejects_inconsistent_lengths() -> None:
+    with pytest.raises(ValueError, match="same"):
+        Layout.packed([[1, 2], [3]])
+    layout = Layout.packed([[2, 2]])
+    with pytest.raises(ValueError, match="stream 0"):
+        layout.join([torch.zeros(1, 5, 2)])
