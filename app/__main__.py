@@ -1,0 +1,59 @@
+"""Entry point: `python -m app <command>` and the `duoflow` console script."""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+
+HELP = """usage: duoflow <command> [options]      (same as: python -m app <command>)
+
+Train flow-matching generators (image, video, audio, 3D, audio-video) on one MM-DiT backbone.
+
+training (LightningCLI; every option can be overridden on the command line, see <command> --help):
+  fit        train:      duoflow fit --config configs/image/tiny.yaml [--trainer.max_steps N] [--ckpt_path last]
+  validate   validation loss of a checkpoint
+  test       test loop
+  predict    prediction loop
+
+tools:
+  sample     generate media from a checkpoint:  duoflow sample --ckpt runs/NAME/checkpoints/last.ckpt --num 16 --out samples/
+  shards     write WebDataset shards:           duoflow shards images SRC OUT | duoflow shards synthetic image OUT --num N
+  slurm      submit a training job to Slurm:    duoflow slurm submit --config CFG --nodes 1 --gpus-per-node 8 [--dry-run]
+  doctor     versions, attention backends that really run, GPU, W&B mode
+
+Run `duoflow <command> --help` for the options of a command.
+"""
+
+TOOLS = ("sample", "shards", "doctor", "slurm")
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("WANDB_SILENT", "true")
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(HELP)
+        return 0
+    from app.cli import UserError
+
+    try:
+        if argv[0] in TOOLS:
+            import importlib
+
+            return int(importlib.import_module(f"app.{argv[0]}").main(argv[1:]) or 0)
+        from app.cli import run_lightning
+
+        run_lightning(argv)
+        return 0
+    except (UserError, FileNotFoundError, ValueError) as e:
+        if os.environ.get("DUOFLOW_TRACEBACK"):
+            raise
+        print(f"error: {e}", file=sys.stderr)
+        print("(set DUOFLOW_TRACEBACK=1 for the full traceback)", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

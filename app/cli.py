@@ -1,0 +1,144 @@
+"""LightningCLI for duoflow: `python -m app fit|validate|test|predict --config ...`.
+
+On top of Lightning's CLI this adds the run directory (`<runs_dir>/<name>/`: resolved config,
+checkpoints with last.ckpt, samples, W&B files and id), safe resumption (`--ckpt_path last`
+continues the run and its W&B run; starting over an existing run is refused instead of
+overwriting it), atomic checkpoint writes, and W&B offline by default.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+from pathlib import Path
+from typing import Any
+
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.utilities import rank_zero_only
+
+from app.checkpoint_io import AtomicCheckpointIO
+from datamodules.shards import ShardDataModule
+from models.generators import FlowMatchingModule
+
+log = logging.getLogger("duoflow")
+
+WANDB_ID_FILE = "wandb_id"
+
+
+class UserError(Exception):
+    """A problem with the user's input or config: reported as one line, without a traceback."""
+
+
+class DuoflowCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True):
+        super().__init__(
+            FlowMatchingModule,
+            ShardDataModule,
+            subclass_mode_model=True,
+            save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
+            auto_configure_optimizers=False,
+            trainer_defaults={"plugins": [AtomicCheckpointIO()]},
+            parser_kwargs={"default_env": False},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--name", type=str | None, default=None,
+                            help="Run name; the run directory is <runs_dir>/<name> (default: the config file's name).")
+        parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories.")
+
+    # ---- run directory, resume and W&B id, before anything is built ------------------------
+
+    def before_instantiate_classes(self) -> None:
+        sub = self.subcommand
+        cfg = self.config[sub]
+        name = cfg.get("name") or self.config_stem(cfg) or "run"
+        run_dir = Path(cfg.runs_dir) / name
+        cfg.name = name
+        cfg.trainer.default_root_dir = str(run_dir)
+        last = run_dir / "checkpoints" / "last.ckpt"
+        resuming = False
+        if sub == "fit":
+            ckpt = cfg.get("ckpt_path")
+            if ckpt is None and int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0) > 0:
+                ckpt = "last"  # a requeued Slurm job continues its run
+            if ckpt == "last":
+                if last.exists():
+                    cfg.ckpt_path = str(last)
+                    resuming = True
+                else:
+                    rank_zero_only(log.warning)("--ckpt_path last: no checkpoint in %s yet, starting fresh", last.parent)
+                    cfg.ckpt_path = None
+            elif ckpt:
+                if not Path(ckpt).is_file():
+                    raise UserError(f"--ckpt_path {ckpt}: no such checkpoint file (or pass 'last' to resume {run_dir})")
+                resuming = True
+            elif last.exists():
+                raise UserError(
+                    f"run directory {run_dir} already has checkpoints: pass --ckpt_path last to resume it, "
+                    f"or --name NEW_NAME to start a new run"
+                )
+        self.run_dir = run_dir
+        self.configure_wandb(cfg, run_dir, name, resuming)
+
+    @staticmethod
+    def config_stem(cfg: Namespace) -> str | None:
+        configs = cfg.get("config") or []
+        if not configs:
+            return None
+        path = Path(str(configs[-1]))
+        return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
+
+    @staticmethod
+    def configure_wandb(cfg: Namespace, run_dir: Path, name: str, resuming: bool) -> None:
+        logger = cfg.trainer.get("logger")
+        loggers = logger if isinstance(logger, list) else [logger]
+        for lg in loggers:
+            if not isinstance(lg, Namespace) or not str(lg.get("class_path", "")).endswith("WandbLogger"):
+                continue
+            args = lg.init_args
+            args.save_dir = str(run_dir)
+            if args.get("name") is None:
+                args.name = name
+            id_file = run_dir / WANDB_ID_FILE
+            if resuming and id_file.exists() and not args.get("id"):
+                args.id = id_file.read_text().strip()
+            elif not args.get("id"):
+                args.id = secrets.token_hex(4)  # W&B ids are short [a-z0-9] strings
+            if rank_zero_only.rank == 0:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                id_file.write_text(args.id + "\n")
+
+    # ---- checkpoints always land in the run directory, always with last.ckpt ----------------
+
+    def instantiate_trainer(self, **kwargs: Any) -> Any:
+        trainer = super().instantiate_trainer(**kwargs)
+        ckpt_dir = str(self.run_dir / "checkpoints")
+        for cb in trainer.callbacks:
+            if isinstance(cb, ModelCheckpoint):
+                if cb.dirpath is None:
+                    cb.dirpath = ckpt_dir
+                cb.save_last = cb.save_last or True
+        return trainer
+
+    def before_fit(self) -> None:
+        # the resolved config travels inside every checkpoint (and sits in the run directory)
+        self.model.duoflow_config = self.parser.dump(self.config, skip_none=False)
+        if rank_zero_only.rank == 0:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            log.info("run directory: %s", self.run_dir)
+
+    def after_fit(self) -> None:
+        # close the W&B run so its files are complete (and a later fit in this process starts its own session)
+        if rank_zero_only.rank == 0 and any(type(lg).__name__ == "WandbLogger" for lg in self.trainer.loggers):
+            import wandb
+
+            wandb.finish()
+
+
+def run_lightning(args: list[str]) -> None:
+    DuoflowCLI(args=args)

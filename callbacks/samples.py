@@ -1,0 +1,73 @@
+"""Sample previews during training: generated with the EMA weights, written to the run
+directory and sent to the experiment tracker."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import lightning as L
+from lightning.pytorch.utilities import rank_zero_only
+
+from callbacks.ema import find_ema
+
+log = logging.getLogger("duoflow.samples")
+
+
+class SamplePreview(L.Callback):
+    def __init__(self, every_n_steps: int = 500, num: int = 16, steps: int = 25, cfg_scale: float | None = None,
+                 seed: int = 0, at_end: bool = True):
+        """
+        Args:
+            every_n_steps: Write a preview every n optimizer steps (0 = only at the end).
+            num: Samples per preview; conditions cycle through the classes / preview prompts.
+            steps: ODE steps per preview (fewer than for final samples, to stay cheap).
+            cfg_scale: Guidance scale; None = the model's default.
+            seed: Noise seed, fixed so previews are comparable across steps.
+            at_end: Also write one when training ends.
+        """
+        self.every_n_steps = every_n_steps
+        self.num = num
+        self.steps = steps
+        self.cfg_scale = cfg_scale
+        self.seed = seed
+        self.at_end = at_end
+        self.last_step = -1
+
+    def out_dir(self, trainer: L.Trainer) -> Path:
+        return Path(trainer.default_root_dir) / "samples"
+
+    @rank_zero_only
+    def preview(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
+        if trainer.global_step == self.last_step:
+            return []
+        self.last_step = trainer.global_step
+        was_training = pl_module.training
+        pl_module.eval()
+        ema = find_ema(trainer)
+        try:
+            if ema is not None:
+                with ema.swapped(pl_module):
+                    x = self.generate(pl_module)
+            else:
+                x = self.generate(pl_module)
+        finally:
+            pl_module.train(was_training)
+        paths = pl_module.save_media(x, self.out_dir(trainer), prefix=f"step{trainer.global_step:07d}")
+        log.info("samples at step %d: %s", trainer.global_step, paths[-1])
+        if trainer.logger is not None:
+            pl_module.log_media(trainer.logger, paths, trainer.global_step)
+        return paths
+
+    def generate(self, pl_module: L.LightningModule):
+        cond = pl_module.cond.preview(self.num)
+        return pl_module.generate(cond, self.num, steps=self.steps, cfg_scale=self.cfg_scale, seed=self.seed)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
+        step = trainer.global_step
+        if self.every_n_steps > 0 and step > 0 and step % self.every_n_steps == 0:
+            self.preview(trainer, pl_module)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.at_end:
+            self.preview(trainer, pl_module)

@@ -1,0 +1,100 @@
+"""End to end through the CLI: shards -> fit -> checkpoint -> sample -> resume; every YAML runs."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from app.__main__ import main
+from tests.conftest import ROOT
+
+TINY = str(ROOT / "configs/image/tiny.yaml")
+# shrink the tiny config further so each test step takes milliseconds
+SMALL = [
+    "--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16",
+    "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
+    "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
+    "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1",
+    "--trainer.enable_progress_bar", "false",
+]
+
+
+def fit(tmp_path: Path, shards: Path, *extra: str) -> int:
+    return main(["fit", "--config", TINY, *SMALL, "--runs_dir", str(tmp_path / "runs"),
+                 "--data.train_shards", str(shards / "*.tar"), *extra])
+
+
+def test_fit_sample_resume(tmp_path: Path, image_shards: Path, capsys: pytest.CaptureFixture) -> None:
+    run = tmp_path / "runs" / "t"
+    assert fit(tmp_path, image_shards, "--name", "t", "--trainer.max_steps", "6",
+               ) == 0
+    last = run / "checkpoints" / "last.ckpt"
+    assert last.is_file() and (run / "config.yaml").is_file()
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 6
+    assert "ema_state_dict" in ckpt and "duoflow_config" in ckpt
+    wandb_id = (run / "wandb_id").read_text().strip()
+    assert len(wandb_id) >= 6
+    assert any((run / "samples").glob("*grid.png"))  # preview written at the end of training
+
+    # starting over an existing run is refused, with one clear line
+    assert fit(tmp_path, image_shards, "--name", "t", "--trainer.max_steps", "6") == 2
+    assert "--ckpt_path last" in capsys.readouterr().err
+
+    # resume continues the step count and the W&B run
+    assert fit(tmp_path, image_shards, "--name", "t", "--trainer.max_steps", "9", "--ckpt_path", "last") == 0
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 9
+    assert (run / "wandb_id").read_text().strip() == wandb_id
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 2  # two sessions of one W&B run id
+    assert all(wandb_id in p.name for p in (run / "wandb").glob("offline-run-*"))
+
+    # sample from the checkpoint alone
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(last), "--num", "4", "--out", str(out), "--class", "2", "--steps", "3"]) == 0
+    pngs = sorted(out.glob("sample-000*.png"))
+    assert len(pngs) == 4
+    img = np.asarray(Image.open(pngs[0]))
+    assert img.shape == (16, 16, 3) and img.dtype == np.uint8
+    assert (out / "sample-grid.png").is_file()
+
+
+def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path: Path, image_shards: Path) -> None:
+    assert fit(tmp_path, image_shards, "--name", "fresh", "--trainer.max_steps", "2", "--ckpt_path", "last",
+               "--trainer.logger", "false") == 0
+    ckpt = torch.load(tmp_path / "runs/fresh/checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert ckpt["global_step"] == 2
+
+
+@pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
+                                          if p.parent.name not in ("trainer", "slurm")))
+def test_every_config_runs_one_step(config: str, tmp_path: Path, image_shards: Path) -> None:
+    """Every shipped YAML parses and trains a step (shrunk to CPU size, as torchgeo does)."""
+    args = ["fit", "--config", str(ROOT / config), "--runs_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
+            "--trainer.logger", "false", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
+            "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1"]
+    if "image" in config:
+        args += ["--data.train_shards", str(image_shards / "*.tar"), "--model.init_args.tokenizer.size", "16",
+                 "--data.transform.init_args.size", "16"]
+    assert main(args) == 0
+
+
+def test_help_and_bad_input_are_one_line_errors(tmp_path: Path) -> None:
+    env_py = [sys.executable, "-m", "app"]
+    top = subprocess.run(env_py + ["--help"], capture_output=True, text=True, cwd=ROOT)
+    assert top.returncode == 0 and "sample" in top.stdout and "shards" in top.stdout
+    bad = subprocess.run(env_py + ["fit", "--config", TINY, "--runs_dir", str(tmp_path), "--data.train_shards",
+                                   str(tmp_path / "nothing-*.tar"), "--trainer.logger", "false"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode != 0
+    assert "nothing-*.tar" in bad.stderr and "Traceback" not in bad.stderr
+    missing = subprocess.run(env_py + ["sample", "--ckpt", str(tmp_path / "no.ckpt")], capture_output=True, text=True, cwd=ROOT)
+    assert missing.returncode == 2 and "no such checkpoint" in missing.stderr and "Traceback" not in missing.stderr
