@@ -28,9 +28,28 @@ Run `duoflow <command> --help` for the options of a command.
 TOOLS = ("sample", "shards", "doctor", "slurm")
 
 
+def quiet_known_noise() -> None:
+    """Silence warnings that are expected with our design and only bury the useful output."""
+    import warnings
+
+    for pattern in (
+        r".*IterableDataset. has .__len__. defined.*",  # our loader's length is exact by construction
+        r".*Total length of .* across ranks is zero.*",  # no validation shards configured
+        r".*srun. command is available on your system but is not used.*",
+        r".*isinstance\(treespec, LeafSpec\).*",
+        r".*no pre-optimization state was saved.*",  # manual optimization: checkpoints hold the post-step state, as intended
+        r".*does not have many workers which may be a bottleneck.*",
+    ):
+        warnings.filterwarnings("ignore", message=pattern)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+    for name in ("lightning.pytorch", "lightning.fabric"):
+        logging.getLogger(name).propagate = False  # Lightning already prints these lines itself
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    quiet_known_noise()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
     if not argv or argv[0] in ("-h", "--help", "help"):

@@ -141,4 +141,11 @@ class DuoflowCLI(LightningCLI):
 
 
 def run_lightning(args: list[str]) -> None:
-    DuoflowCLI(args=args)
+    import sys
+
+    argv = sys.argv
+    sys.argv = [argv[0], *args]  # LightningCLI reads sys.argv; passing both makes it warn
+    try:
+        DuoflowCLI()
+    finally:
+        sys.argv = argv

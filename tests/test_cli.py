@@ -98,3 +98,17 @@ def test_help_and_bad_input_are_one_line_errors(tmp_path: Path) -> None:
     assert "nothing-*.tar" in bad.stderr and "Traceback" not in bad.stderr
     missing = subprocess.run(env_py + ["sample", "--ckpt", str(tmp_path / "no.ckpt")], capture_output=True, text=True, cwd=ROOT)
     assert missing.returncode == 2 and "no such checkpoint" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_doctor_reports_backends(capsys: pytest.CaptureFixture) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "sdpa" in out and "xformers" in out and "attention 'auto' on" in out
+
+
+def test_print_config_shows_resolved_options(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", TINY, "--print_config", "--model.init_args.backbone.dim", "96"])
+    assert exit_info.value.code == 0
+    out = capsys.readouterr().out
+    assert "dim: 96" in out and "models.generators.ImageFlow" in out and "train_shards" in out
