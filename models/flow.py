@@ -289,53 +289,45 @@ def cfg_v_fn(v_fn_cond_uncond: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     return v_fn
 
 
+@dataclass(frozen=True)
 class Sampler:
-    """ODE sampler from noise (t=1) to data (t=0); a plain base class so YAML picks one by class_path."""
+    """ODE sampler from noise (t=1) to data (t=0) on time_grid(steps, shift, sway).
 
-    steps: int
+    A plain base class so YAML picks a solver (Euler, Heun) by class_path."""
+
+    steps: int = 50
+    """Number of integration steps (Euler: one velocity call each, Heun: two)."""
+    shift: float = 1.0
+    """Resolution shift of the grid (see shift_t); > 1 spends more steps near noise."""
+    sway: float | None = None
+    """F5-TTS sway coefficient in [-1, 1.75]; < 0 spends more steps near noise; None = off."""
+
+    def __post_init__(self) -> None:
+        _check_grid(self.steps, self.shift, self.sway)
+
+    def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
 
     def __call__(self, v_fn: VelocityFn, x_1: Tensor, shift: float | None = None, progress: bool = False) -> Tensor:
-        raise NotImplementedError  # pragma: no cover
+        """Noise x_1 -> sample x_0. `shift` overrides the grid's shift (the model passes the one it trained with)."""
+        shift = self.shift if shift is None else shift
+        return self.solve(v_fn, x_1, time_grid(self.steps, shift=shift, sway=self.sway, device=x_1.device), progress)
 
 
 @dataclass(frozen=True)
 class Euler(Sampler):
-    """Euler sampler on time_grid(steps, shift, sway): `steps` velocity calls."""
+    """Euler sampler: `steps` velocity calls."""
 
-    steps: int = 50
-    """Number of integration steps (velocity calls)."""
-    shift: float = 1.0
-    """Resolution shift of the grid (see shift_t); > 1 spends more steps near noise."""
-    sway: float | None = None
-    """F5-TTS sway coefficient in [-1, 1.75]; < 0 spends more steps near noise; None = off."""
-
-    def __post_init__(self) -> None:
-        _check_grid(self.steps, self.shift, self.sway)
-
-    def __call__(self, v_fn: VelocityFn, x_1: Tensor, shift: float | None = None, progress: bool = False) -> Tensor:
-        """Noise x_1 -> sample x_0. `shift` overrides the grid's shift (the model passes the one it trained with)."""
-        shift = self.shift if shift is None else shift
-        return euler_sample(v_fn, x_1, time_grid(self.steps, shift=shift, sway=self.sway, device=x_1.device), progress)
+    def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
+        return euler_sample(v_fn, x_1, times, progress)
 
 
 @dataclass(frozen=True)
 class Heun(Sampler):
-    """Heun sampler on time_grid(steps, shift, sway): 2 * `steps` velocity calls."""
+    """Heun (trapezoid) sampler: 2 * `steps` velocity calls, second order."""
 
-    steps: int = 50
-    """Number of integration steps (each makes two velocity calls)."""
-    shift: float = 1.0
-    """Resolution shift of the grid (see shift_t); > 1 spends more steps near noise."""
-    sway: float | None = None
-    """F5-TTS sway coefficient in [-1, 1.75]; < 0 spends more steps near noise; None = off."""
-
-    def __post_init__(self) -> None:
-        _check_grid(self.steps, self.shift, self.sway)
-
-    def __call__(self, v_fn: VelocityFn, x_1: Tensor, shift: float | None = None, progress: bool = False) -> Tensor:
-        """Noise x_1 -> sample x_0. `shift` overrides the grid's shift (the model passes the one it trained with)."""
-        shift = self.shift if shift is None else shift
-        return heun_sample(v_fn, x_1, time_grid(self.steps, shift=shift, sway=self.sway, device=x_1.device), progress)
+    def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
+        return heun_sample(v_fn, x_1, times, progress)
 
 
 # ---------------------------------------------------------------------------------------------
