@@ -289,11 +289,19 @@ def cfg_v_fn(v_fn_cond_uncond: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
     return v_fn
 
 
-@dataclass(frozen=True)
 class Sampler:
-    """ODE sampler from noise (t=1) to data (t=0) on time_grid(steps, shift, sway).
+    """ODE sampler from noise (t=1) to data (t=0). A plain (non-dataclass) base class so YAML
+    picks a solver (Euler, Heun) by class_path."""
 
-    A plain base class so YAML picks a solver (Euler, Heun) by class_path."""
+    steps: int
+
+    def __call__(self, v_fn: VelocityFn, x_1: Tensor, shift: float | None = None, progress: bool = False) -> Tensor:
+        raise NotImplementedError  # pragma: no cover
+
+
+@dataclass(frozen=True)
+class GridSampler(Sampler):
+    """A one-step solver applied on time_grid(steps, shift, sway)."""
 
     steps: int = 50
     """Number of integration steps (Euler: one velocity call each, Heun: two)."""
@@ -315,7 +323,7 @@ class Sampler:
 
 
 @dataclass(frozen=True)
-class Euler(Sampler):
+class Euler(GridSampler):
     """Euler sampler: `steps` velocity calls."""
 
     def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
@@ -323,7 +331,7 @@ class Euler(Sampler):
 
 
 @dataclass(frozen=True)
-class Heun(Sampler):
+class Heun(GridSampler):
     """Heun (trapezoid) sampler: 2 * `steps` velocity calls, second order."""
 
     def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
