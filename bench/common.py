@@ -1,0 +1,141 @@
+"""Shared helpers of the benchmarks: device description, interleaved timing, peak memory, Markdown output.
+
+Every benchmark prints a Markdown block (command, device, date, torch version, config, table)
+and writes the same text to bench/results/<name>-<device>.md, so BENCHMARKS.md only ever
+holds numbers a script printed.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown CPU"
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{torch.cuda.get_device_name(device)} (CUDA {torch.version.cuda})"
+    return f"{cpu_model()}, {torch.get_num_threads()} threads ({os.cpu_count()} cores visible)"
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def interleaved(
+    fns: dict[str, Callable[[], object]], iters: int, warmup: int, device: torch.device
+) -> dict[str, list[float]]:
+    """Seconds per call of each fn, measured A B A B ... in one process so load changes hit all alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(iters):
+        for name, fn in fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def median(xs: Sequence[float]) -> float:
+    return statistics.median(xs)
+
+
+def median_ratio(a: Sequence[float], b: Sequence[float]) -> float:
+    """Median of the per-round ratios a_i / b_i (rounds are adjacent in time, so load cancels)."""
+    return statistics.median(x / y for x, y in zip(a, b))
+
+
+def peak_memory(fn: Callable[[], object], device: torch.device) -> int:
+    """Peak bytes allocated while fn runs, above what was allocated before it.
+
+    CUDA: torch.cuda.max_memory_allocated. CPU: the allocation/free events of torch.profiler
+    (profile_memory=True), summed in time order.
+    """
+    if device.type == "cuda":
+        sync(device)
+        base = torch.cuda.memory_allocated(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        fn()
+        sync(device)
+        return torch.cuda.max_memory_allocated(device) - base
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = [
+        e
+        for e in prof.profiler.kineto_results.events()
+        if e.name() == "[memory]" and e.device_type() == torch.autograd.DeviceType.CPU
+    ]
+    live = peak = 0
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    def cell(v: object) -> str:
+        if isinstance(v, float):
+            return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+        if isinstance(v, int) and not isinstance(v, bool):
+            return f"{v:,}"
+        return str(v)
+
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(cell(v) for v in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def report(name: str, device: torch.device, config: dict[str, object], body: str) -> str:
+    """Print the Markdown block of one run and write it to bench/results/<name>-<cpu|cuda>.md."""
+    command = "python " + " ".join(shlex.quote(a) for a in ["bench/" + Path(sys.argv[0]).name, *sys.argv[1:]])
+    cfg = ", ".join(f"{k}={v}" for k, v in config.items())
+    text = "\n".join(
+        [
+            f"`{command}`",
+            "",
+            f"- device: {device_name(device)}",
+            f"- date: {datetime.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}",
+            f"- torch {torch.__version__}",
+            f"- config: {cfg}",
+            "",
+            body.strip(),
+            "",
+        ]
+    )
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}-{device.type}.md").write_text(text)
+    return text
+
+
+def mib(nbytes: float) -> float:
+    return nbytes / 2**20
