@@ -142,7 +142,8 @@ def attention(
     name = resolve_backend(q.device, backend)
     if name == "xformers" and backend == "auto" and q.dtype == torch.float64:
         name = "sdpa"  # xformers has no float64 kernel; auto should not fail on it
-    _log_choice(str(q.device), backend, name)
+    if not torch.compiler.is_compiling():  # a log call inside a compiled graph would break it
+        _log_choice(str(q.device), backend, name)
     return _KERNELS[name](q, k, v, seqlens)
 
 

@@ -48,8 +48,11 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     if cos.shape[-1] * 2 != x.shape[-1]:
         raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
     dtype = torch.promote_types(x.dtype, torch.float32)
-    x0, x1 = rearrange(x.to(dtype), "b n h (d two) -> two b n h d", two=2)  # each (B, N, H, D/2)
-    cos = rearrange(cos.to(dtype), "b n d -> b n 1 d")
-    sin = rearrange(sin.to(dtype), "b n d -> b n 1 d")
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, N, H, D/2, 2)
-    return rearrange(out, "b n h d two -> b n h (d two)").to(x.dtype)
+    # Flux form: a 2x2 rotation per pair, built once on the small (B, N, D/2) tables and broadcast
+    # over heads, so the full-size tensor sees two multiplies and one add (no stack/cat of it).
+    cos, sin = cos.to(dtype), sin.to(dtype)
+    rot = torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))  # (B, N, D/2, 2, 2)
+    rot = rearrange(rot, "b n d i j -> b n 1 d i j")
+    pairs = x.to(dtype).unflatten(-1, (-1, 1, 2))  # (B, N, H, D/2, 1, 2)
+    out = rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]  # (B, N, H, D/2, 2)
+    return out.flatten(-2).to(x.dtype)
