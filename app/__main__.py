@@ -18,6 +18,7 @@ training (LightningCLI; every option can be overridden on the command line, see 
 
 tools:
   sample     generate media from a checkpoint:  duoflow sample --ckpt runs/NAME/checkpoints/last.ckpt --num 16 --out samples/
+  export     weights to safetensors (EMA):      duoflow export --ckpt runs/NAME/checkpoints/last.ckpt --out model.safetensors [--no-ema]
   shards     write WebDataset shards:           duoflow shards images SRC OUT | duoflow shards synthetic image OUT --num N
   slurm      submit a training job to Slurm:    duoflow slurm submit --config CFG --nodes 1 --gpus-per-node 8 [--dry-run]
   doctor     versions, attention backends that really run, GPU, W&B mode
@@ -25,7 +26,7 @@ tools:
 Run `duoflow <command> --help` for the options of a command.
 """
 
-TOOLS = ("sample", "shards", "doctor", "slurm")
+TOOLS = ("sample", "export", "shards", "doctor", "slurm")
 
 
 def quiet_known_noise() -> None:
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     from app.cli import UserError
+    from datamodules.shards import TooManyBadSamples
 
     try:
         if argv[0] in TOOLS:
@@ -66,10 +68,13 @@ def main(argv: list[str] | None = None) -> int:
 
         run_lightning(argv)
         return 0
-    except (UserError, FileNotFoundError, ValueError) as e:
+    except (UserError, FileNotFoundError, ValueError, TooManyBadSamples) as e:
         if os.environ.get("DUOFLOW_TRACEBACK"):
             raise
-        print(f"error: {e}", file=sys.stderr)
+        message = str(e).strip()
+        if "Original Traceback" in message:  # raised in a dataloader worker: keep the original message only
+            message = message.splitlines()[-1].split(": ", 1)[-1]
+        print(f"error: {message}", file=sys.stderr)
         print("(set DUOFLOW_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
 

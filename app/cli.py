@@ -41,10 +41,21 @@ class DuoflowCLI(LightningCLI):
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},
             auto_configure_optimizers=False,
             trainer_defaults={"plugins": [AtomicCheckpointIO()]},
-            parser_kwargs={"default_env": False},
+            parser_kwargs={"default_env": False, "exit_on_error": False},
             args=args,
             run=run,
         )
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """Parse errors become one short UserError (what and where), not the full usage text."""
+        from jsonargparse import ArgumentError
+
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            noise = ("Given value", "Does not validate against any", "Subtypes:", "Errors:", "- Expected a <class 'NoneType'>")
+            lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
+            raise UserError("\n  ".join(ln.strip() for ln in lines[:6])) from e
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
@@ -140,8 +151,52 @@ class DuoflowCLI(LightningCLI):
             wandb.finish()
 
 
+def _option(args: list[str], name: str) -> str | None:
+    """The value of `--name VALUE` or `--name=VALUE` in args (the last one), else None."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == name and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(name + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
+def config_from_checkpoint(args: list[str]) -> list[str]:
+    """`fit --ckpt_path FILE` without --config: prepend the run's resolved config stored in FILE.
+
+    The run directory is the checkpoint's (`<runs_dir>/<name>/checkpoints/FILE`) unless --name or
+    --runs_dir say otherwise; options on the command line still override the stored config."""
+    if not args or args[0] != "fit" or any(a in ("-c", "--config") or a.startswith("--config=") for a in args[1:]):
+        return args
+    ckpt = _option(args, "--ckpt_path")
+    if not ckpt or ckpt == "last" or not Path(ckpt).is_file():
+        return args  # nothing to read: the parser (or before_instantiate_classes) reports what is missing
+    import torch
+    import yaml
+
+    text = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("duoflow_config")
+    if not text:
+        raise UserError(f"--ckpt_path {ckpt}: the checkpoint holds no run config; pass --config as well")
+    cfg = yaml.safe_load(text)
+    if isinstance(cfg.get("fit"), dict):  # dumped with the subcommand level
+        cfg = cfg["fit"]
+    for key in ("config", "ckpt_path", "subcommand"):
+        cfg.pop(key, None)
+    trainer = cfg.get("trainer") or {}
+    plugins = trainer.get("plugins")
+    if isinstance(plugins, list):  # instances from trainer_defaults (AtomicCheckpointIO) dump as unusable text
+        trainer["plugins"] = [p for p in plugins if not str(p).startswith("Unable to serialize")] or None
+    path = Path(ckpt).resolve()
+    if path.parent.name == "checkpoints":  # <runs_dir>/<name>/checkpoints/FILE: continue that run
+        cfg["name"], cfg["runs_dir"] = path.parent.parent.name, str(path.parent.parent.parent)
+    return [args[0], "--config", yaml.safe_dump(cfg, sort_keys=False), *args[1:]]
+
+
 def run_lightning(args: list[str]) -> None:
     import sys
+
+    args = config_from_checkpoint(args)
 
     argv = sys.argv
     sys.argv = [argv[0], *args]  # LightningCLI reads sys.argv; passing both makes it warn

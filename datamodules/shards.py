@@ -1,11 +1,11 @@
 """WebDataset pipelines and the LightningDataModule that serves them.
 
-Training reads an endless stream: every pass over the shard list is a new seeded
-permutation, the SAME on every rank and worker, and each (rank, worker) takes every k-th shard
-of it. Nothing runs dry, so each rank yields exactly ``samples_per_epoch // (batch_size *
-world_size)`` batches per epoch however the shards are sized, even with fewer shards than
-ranks x workers (they then share shards, with different shuffle seeds). The stream carries on
-across epochs where it stopped. The pipeline, in order:
+Training reads, in each epoch e, an endless stream: every pass over the shard list is a
+permutation seeded by (seed, e, pass), the SAME on every rank and worker, and each (rank,
+worker) takes every k-th shard of it. Nothing runs dry, so each rank yields exactly
+``samples_per_epoch // (batch_size * world_size)`` batches per epoch however the shards are
+sized, even with fewer shards than ranks x workers (they then share shards, with different
+shuffle seeds). The pipeline, in order:
 
     endless shard permutations -> split by rank -> split by worker -> tar members -> samples
     -> shuffle buffer -> decode (allow-list) -> transform -> batch
@@ -13,12 +13,23 @@ across epochs where it stopped. The pipeline, in order:
 Validation reads every shard once in order; rank r keeps samples r, r + world, ... so every
 sample is seen exactly once across ranks.
 
+Exact resume: the batches of epoch e are a pure function of (seed, e, rank, worker), so the
+checkpoint stores only the epoch and the batches each worker has delivered to the training loop
+(``state_dict``); a resumed run rebuilds that epoch and drops those batches (decoding them again:
+the cost is bounded by one epoch, so keep ``samples_per_epoch`` moderate on huge data sets).
+With 0 or 1 dataloader workers the batch order after a resume is the uninterrupted run's; with
+more, the rest of the interrupted epoch has the same batches in another worker interleaving, and
+later epochs are identical again. Random augmentations drawn inside workers are not replayed.
+
 Bad samples (``BadSample``) and unreadable shards are skipped, counted and logged to
-``logging.getLogger("duoflow.data")``; past ``max_bad_fraction`` the run stops with one line.
+``logging.getLogger("duoflow.data")`` with their shard and key; past ``max_bad_fraction`` (counted
+per dataloader worker of each rank) the run stops with one line naming the rank, worker and
+the shards with the most bad samples.
 """
 
 from __future__ import annotations
 
+import collections
 import functools
 import glob
 import itertools
@@ -29,6 +40,7 @@ import random
 import tarfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import lightning
 import torch
@@ -132,7 +144,7 @@ def _worker() -> tuple[int, int]:
 class EndlessShardList(IterableDataset):
     """Yields ``{"url": ...}`` forever: pass c is the shard list permuted with seed (seed, c), identical everywhere."""
 
-    def __init__(self, urls: list[str], seed: int = 0):
+    def __init__(self, urls: list[str], seed: int | str = 0):
         super().__init__()
         self.urls, self.seed = list(urls), seed
 
@@ -155,7 +167,7 @@ def split_by_rank(rank: int, world_size: int):
 class WorkerShuffle(wds.PipelineStage):
     """``wds.shuffle`` with an RNG seeded by (seed, rank, worker), created in the worker."""
 
-    def __init__(self, bufsize: int, seed: int, rank: int):
+    def __init__(self, bufsize: int, seed: int | str, rank: int):
         self.bufsize, self.seed, self.rank = bufsize, seed, rank
 
     def run(self, src: Iterable) -> Iterator:
@@ -163,16 +175,22 @@ class WorkerShuffle(wds.PipelineStage):
         return wds.shuffle(self.bufsize, initial=self.bufsize, rng=rng)(src)
 
 
-class SkipCounter:
-    """Error policy for the ``handler=`` of webdataset stages: skip, count and log bad samples and shards.
+class TooManyBadSamples(RuntimeError):
+    """More than ``max_bad_fraction`` of the samples failed; the message names the worst shards."""
 
-    Raises RuntimeError once more than ``max_bad_fraction`` of at least ``min_seen`` samples were bad.
-    Counts are per dataloader worker.
+
+class SkipCounter:
+    """Skip, count and log bad samples (``BadSample``) and unreadable shard data, per shard.
+
+    Raises TooManyBadSamples once more than ``max_bad_fraction`` of at least ``min_seen`` samples
+    were bad. Counts belong to one dataloader worker of one rank (each worker holds its own copy);
+    the stop message says which, and names the shards with the most bad samples.
     """
 
-    def __init__(self, max_bad_fraction: float = 0.05, min_seen: int = 100, max_logged: int = 20):
-        self.max_bad_fraction, self.min_seen, self.max_logged = max_bad_fraction, min_seen, max_logged
+    def __init__(self, max_bad_fraction: float = 0.05, min_seen: int = 100, max_logged: int = 20, rank: int = 0):
+        self.max_bad_fraction, self.min_seen, self.max_logged, self.rank = max_bad_fraction, min_seen, max_logged, rank
         self.good = self.bad = self.bad_shards = 0
+        self.bad_by_shard: collections.Counter[str] = collections.Counter()
 
     def passed(self, src: Iterable) -> Iterator:
         """Stage after the last fallible stage: counts the samples that made it."""
@@ -180,18 +198,22 @@ class SkipCounter:
             self.good += 1
             yield sample
 
-    def bad_sample(self, exn: Exception) -> bool:
-        if not isinstance(exn, BadSample):
-            return False  # not bad data but a bug: raise_unexpected re-raises it
+    def map(self, fn) -> "SkipBad":
+        """Stage applying ``fn`` to each sample, skipping (and counting) those that raise BadSample."""
+        return SkipBad(fn, self)
+
+    def bad_sample(self, exn: BadSample, shard: str = "?") -> None:
         self.bad += 1
+        self.bad_by_shard[shard] += 1
         seen = self.good + self.bad
         if self.bad <= self.max_logged or self.bad % 1000 == 0:
             log.warning("skipped bad sample %s (%d of %d bad so far)", exn, self.bad, seen)
         if seen >= self.min_seen and self.bad > self.max_bad_fraction * seen:
-            raise RuntimeError(
-                f"{self.bad} of {seen} samples were bad, more than max_bad_fraction={self.max_bad_fraction}; last: {exn}"
-            ) from exn
-        return True
+            worst = ", ".join(f"{url} ({n})" for url, n in self.bad_by_shard.most_common(3))
+            raise TooManyBadSamples(
+                f"{self.bad} of {seen} samples were bad on rank {self.rank}, worker {_worker()[0]}, more than "
+                f"max_bad_fraction={self.max_bad_fraction}; worst shards: {worst}; last: {exn}"
+            ) from None
 
     def bad_shard(self, exn: Exception) -> bool:
         self.bad_shards += 1
@@ -199,45 +221,102 @@ class SkipCounter:
         return True
 
 
-def _accept_or_raise(exn: Exception, handler) -> bool:
-    if handler(exn):
-        return True
-    raise exn
+class SkipBad:
+    """Pipeline stage: ``fn(sample)`` for each sample; BadSample -> counted against the sample's shard, skipped."""
+
+    def __init__(self, fn, counter: SkipCounter):
+        self.fn, self.counter = fn, counter
+
+    def __call__(self, src: Iterable) -> Iterator:
+        for sample in src:
+            try:
+                out = self.fn(sample)
+            except BadSample as exn:
+                self.counter.bad_sample(exn, str(sample.get("__url__", "?")))
+                continue
+            yield out
 
 
-def raise_unexpected(handler):
-    """Wrap a handler so that exceptions it does not accept are re-raised, not silently end the stream."""
-    return functools.partial(_accept_or_raise, handler=handler)
+class TrainStream:
+    """One rank's endless training batches for one epoch: a pure function of (seed, epoch, rank, worker).
+
+    Epoch e reads shard permutations seeded by (seed, e, pass) and a shuffle buffer seeded by
+    (seed, e, rank, worker), so the batches after n consumed ones are known without any saved
+    RNG state: resuming is "rebuild epoch e, drop n batches".
+    """
+
+    def __init__(self, urls: list[str], rank: int, world_size: int, transform, batch_size: int,
+                 shuffle_buffer: int, seed: int, max_bad_fraction: float):
+        self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.transform, self.batch_size, self.shuffle_buffer, self.seed = transform, batch_size, shuffle_buffer, seed
+        self.skips = SkipCounter(max_bad_fraction, rank=rank)  # one per worker (each holds a copy)
+
+    def batches(self, epoch: int) -> Iterator[dict]:
+        seed = f"{self.seed}:{epoch}"
+        return iter(wds.DataPipeline(
+            [
+                EndlessShardList(self.urls, seed=seed),
+                split_by_rank(self.rank, self.world_size),
+                wds.split_by_worker,
+                wds.tarfile_to_samples(handler=self.skips.bad_shard),
+                WorkerShuffle(self.shuffle_buffer, seed=seed, rank=self.rank),
+                self.skips.map(decode_sample),
+                self.skips.map(self.transform),
+                self.skips.passed,
+                wds.batched(self.batch_size, collation_fn=collate, partial=False),
+            ]
+        ))
+
+
+POSITION_KEY = "__pos__"
+"""Batch field added by EpochBatches: LongTensor [epoch, worker, batches of this worker this epoch]."""
 
 
 class EpochBatches(IterableDataset):
-    """Exactly ``batches`` items per epoch (split over dataloader workers) from an endless pipeline.
+    """Exactly ``batches`` batches per epoch on this rank (split over dataloader workers).
 
-    The pipeline iterator persists across epochs (in the worker when workers are persistent),
-    so an epoch starts where the previous one stopped.
+    Epoch e of worker w is ``stream.batches(e)``: its first ``share(w)`` batches. Each batch carries
+    its position (``POSITION_KEY``), so the main process knows exactly what the training loop took,
+    even though workers prefetch. ``start`` resumes mid-epoch: ``{"epoch": e, "done": [n_w, ...]}``
+    means epoch e with n_w batches of worker w already consumed; they are rebuilt and dropped.
     """
 
-    def __init__(self, pipeline: Iterable, batches: int):
+    def __init__(self, stream: TrainStream, batches: int, start: dict | None = None):
         super().__init__()
-        self.pipeline, self.batches = pipeline, batches
-        self._stream: Iterator | None = None
+        self.stream, self.batches, self.start = stream, batches, start
+        self._epoch: int | None = None  # epoch of the last __iter__ in this process (worker)
 
     def __len__(self) -> int:
         return self.batches
 
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_stream": None}
+    def share(self, worker: int, workers: int) -> int:
+        return self.batches // workers + (worker < self.batches % workers)
 
     def __iter__(self) -> Iterator:
         worker, workers = _worker()
-        share = self.batches // workers + (worker < self.batches % workers)
-        if self._stream is None:
-            self._stream = iter(self.pipeline)
-        for _ in range(share):
-            try:
-                yield next(self._stream)
-            except StopIteration:
-                raise RuntimeError("the endless training pipeline stopped; are all shards empty?") from None
+        share = self.share(worker, workers)
+        if self._epoch is None:  # the first epoch in this process: where the checkpoint left off
+            start = self.start or {}
+            epoch, done = int(start.get("epoch", 0)), list(start.get("done", []))
+            done = min(done[worker], share) if worker < len(done) else 0
+        else:
+            epoch, done = self._epoch + 1, 0
+        self._epoch = epoch
+        stream = self.stream.batches(epoch)
+        with torch.random.fork_rng(devices=[]):  # replaying consumed batches leaves the global RNG alone
+            for _ in range(done):
+                self._next(stream)
+        for i in range(done, share):
+            batch = self._next(stream)
+            batch[POSITION_KEY] = torch.tensor([epoch, worker, i + 1])
+            yield batch
+
+    @staticmethod
+    def _next(stream: Iterator) -> dict:
+        try:
+            return next(stream)
+        except StopIteration:
+            raise RuntimeError("the endless training pipeline stopped; are all shards empty?") from None
 
 
 # ---------------------------------------------------------------- the datamodule
@@ -281,37 +360,25 @@ class ShardDataModule(lightning.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.samples_per_epoch, self.max_bad_fraction = samples_per_epoch, max_bad_fraction
+        self._consumed: dict[int, tuple[int, int]] = {}  # worker -> (epoch, batches) the training loop took
+        self._resume: dict[str, Any] = {}  # the data position loaded from a checkpoint
 
-    def train_pipeline(self, urls: list[str], rank: int, world_size: int) -> wds.DataPipeline:
-        """The endless training stream of batches for one rank."""
-        skips = SkipCounter(self.max_bad_fraction)
-        skip_bad = raise_unexpected(skips.bad_sample)
-        return wds.DataPipeline(
-            [
-                EndlessShardList(urls, seed=self.seed),
-                split_by_rank(rank, world_size),
-                wds.split_by_worker,
-                wds.tarfile_to_samples(handler=skips.bad_shard),
-                WorkerShuffle(self.shuffle_buffer, seed=self.seed, rank=rank),
-                wds.map(decode_sample, handler=skip_bad),
-                wds.map(self.transform, handler=skip_bad),
-                skips.passed,
-                wds.batched(self.batch_size, collation_fn=collate, partial=False),
-            ]
-        )
+    def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
+        """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""
+        return TrainStream(urls, rank, world_size, self.transform, self.batch_size, self.shuffle_buffer, self.seed,
+                           self.max_bad_fraction)
 
     def val_pipeline(self, urls: list[str], rank: int, world_size: int) -> wds.DataPipeline:
         """Every validation sample once across ranks, in shard order, last batch partial."""
-        skips = SkipCounter(max_bad_fraction=1.0)
-        skip_bad = raise_unexpected(skips.bad_sample)
+        skips = SkipCounter(max_bad_fraction=1.0, rank=rank)
         return wds.DataPipeline(
             [
                 wds.SimpleShardList(urls),
                 wds.split_by_worker,
                 wds.tarfile_to_samples(handler=skips.bad_shard),
                 split_by_rank(rank, world_size),
-                wds.map(decode_sample, handler=skip_bad),
-                wds.map(self.transform, handler=skip_bad),
+                skips.map(decode_sample),
+                skips.map(self.transform),
                 skips.passed,
                 wds.batched(self.batch_size, collation_fn=collate, partial=True),
             ]
@@ -337,17 +404,63 @@ class ShardDataModule(lightning.LightningDataModule):
         return urls, batches
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
+        # the loader's own generator: creating its iterator must not draw from the global torch RNG
+        # (a resumed run creates one mid-epoch where the uninterrupted run did not)
         return DataLoader(
-            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0
+            dataset, batch_size=None, num_workers=self.num_workers, persistent_workers=self.num_workers > 0,
+            generator=torch.Generator().manual_seed(self.seed),
         )
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = dist_info()
         urls, batches = self.batches_per_rank(expand_shards(self.train_shards), world_size)
-        return self._loader(EpochBatches(self.train_pipeline(urls, rank, world_size), batches))
+        start = self.resume_from(batches, world_size)
+        self._consumed = {w: (start["epoch"], n) for w, n in enumerate(start["done"])} if start else {}
+        return self._loader(EpochBatches(self.train_stream(urls, rank, world_size), batches, start))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
             return []
         rank, world_size = dist_info()
         return self._loader(self.val_pipeline(expand_shards(self.val_shards), rank, world_size))
+
+    # ---- the data position, saved in checkpoints (Lightning calls state_dict / load_state_dict) ----
+
+    def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        """Record the position of each training batch the loop takes (and drop the field)."""
+        if isinstance(batch, dict) and POSITION_KEY in batch:
+            epoch, worker, done = batch.pop(POSITION_KEY).tolist()
+            self._consumed[worker] = (epoch, done)
+        return batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch of the training stream and batches consumed per dataloader worker in it.
+
+        The same on every rank: ranks take equal batch counts, and a worker's batches arrive in a
+        fixed round-robin order."""
+        if not self._consumed:
+            return {**self._resume} if self._resume else {}
+        epoch = max(e for e, _ in self._consumed.values())
+        workers = max(1, self.num_workers)
+        done = [self._consumed[w][1] if w in self._consumed and self._consumed[w][0] == epoch else 0
+                for w in range(workers)]
+        return {"epoch": epoch, "done": done, "world_size": dist_info()[1]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._resume = dict(state)
+
+    def resume_from(self, batches: int, world_size: int) -> dict | None:
+        """The stream position to start from: the loaded checkpoint's, moved to the next epoch when complete."""
+        state = self._resume
+        if not state:
+            return None
+        workers = max(1, self.num_workers)
+        if len(state["done"]) != workers or state.get("world_size", world_size) != world_size:
+            log.warning("checkpoint data position was taken with %d worker(s) x %d rank(s), now %d x %d: "
+                        "starting the next epoch of the stream", len(state["done"]), state.get("world_size", 0),
+                        workers, world_size)
+            return {"epoch": state["epoch"] + 1, "done": [0] * workers}
+        if sum(state["done"]) >= batches:  # the checkpoint was taken at the end of an epoch
+            return {"epoch": state["epoch"] + 1, "done": [0] * workers}
+        log.info("resuming the training stream at epoch %d after %d batches", state["epoch"], sum(state["done"]))
+        return {"epoch": state["epoch"], "done": list(state["done"])}

@@ -11,11 +11,13 @@ guidance. A modality is a tokenizer, a codec and a media writer on top.
 from __future__ import annotations
 
 import logging
+import random
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
+import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
@@ -40,6 +42,12 @@ class OptimConfig:
     """Linear warm-up from 0 to lr over this many optimizer steps, then constant."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
+
+
+def numpy_rng_state() -> tuple:
+    """numpy's global RNG state with its key array as a tensor (loadable with torch.load(weights_only=True))."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
 
 
 class FlowMatchingModule(L.LightningModule):
@@ -188,11 +196,24 @@ class FlowMatchingModule(L.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
+        # t, noise and condition dropout come from the global RNGs: a resumed run continues their streams
+        checkpoint["duoflow_rng"] = {
+            "torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+        }
         if getattr(self, "duoflow_config", None):
             checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
+        rng = checkpoint.get("duoflow_rng")
+        if rng and self._trainer is not None:  # resuming a fit, not loading weights for sampling
+            torch.set_rng_state(rng["torch"])
+            kind, keys, pos, has_gauss, gauss = rng["numpy"]
+            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+            random.setstate(rng["python"])
+            if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(rng["cuda"])
 
     # ---- sampling ----------------------------------------------------------------------
 
