@@ -12,14 +12,13 @@ the dense masked "math".
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 from typing import Callable
 
 import torch
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, median_ratio, report, table
+from common import DTYPES, interleaved, median, median_ratio, report, table, parser
 from models.attention import attention
 
 
@@ -56,11 +55,8 @@ def fwd_bwd(q, k, v, backend: str, ctx, seqlens) -> Callable[[], None]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
+    ap = parser(__doc__)
     ap.add_argument("--batch", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--head-dim", type=int, default=64)
     ap.add_argument("--tokens", type=int, nargs="+", default=[256, 1024])
     ap.add_argument("--packed", type=int, nargs="*", default=[64, 144, 256, 576, 1024],

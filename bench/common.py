@@ -7,6 +7,8 @@ holds numbers a script printed.
 
 from __future__ import annotations
 
+import argparse
+
 import datetime
 import os
 import platform
@@ -139,3 +141,17 @@ def report(name: str, device: torch.device, config: dict[str, object], body: str
 
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
+
+
+def parser(doc: str | None, dim: int | None = None, heads: int = 4, depth_dual: int = 2,
+           depth_single: int = 1) -> argparse.ArgumentParser:
+    """The flags every benchmark shares (device, dtype) and, with `dim`, the backbone's shape."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
+    ap.add_argument("--heads", type=int, default=heads)
+    if dim is not None:
+        ap.add_argument("--dim", type=int, default=dim)
+        ap.add_argument("--depth-dual", type=int, default=depth_dual)
+        ap.add_argument("--depth-single", type=int, default=depth_single)
+    return ap

@@ -13,25 +13,18 @@ a copy of the model with attn_backend="math" (same weights; QK^T and AV as expli
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, report, table
+from common import DTYPES, interleaved, median, report, table, parser
 from models.backbone import MMDiT, MMDiTConfig
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
-    ap.add_argument("--dim", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--depth-dual", type=int, default=2)
-    ap.add_argument("--depth-single", type=int, default=2)
+    ap = parser(__doc__, dim=256, depth_dual=2, depth_single=2)
     ap.add_argument("--tokens", type=int, default=256, help="image tokens per sample")
     ap.add_argument("--ctx", type=int, default=32, help="context tokens per sample")
     ap.add_argument("--batch", type=int, default=4)

@@ -14,13 +14,12 @@ Reported: forward + backward time and useful (real image) tokens per second.
 
 from __future__ import annotations
 
-import argparse
 import random
 
 import torch
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, median_ratio, report, table
+from common import DTYPES, interleaved, median, median_ratio, report, table, parser
 from models.attention import resolve_backend
 from models.backbone import MMDiT, MMDiTConfig
 from models.packing import Layout
@@ -70,13 +69,7 @@ def batches(model: MMDiT, sides: list[int], ctx_len: int, device, dtype):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--dtype", choices=DTYPES, default="fp32")
-    ap.add_argument("--dim", type=int, default=128)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--depth-dual", type=int, default=2)
-    ap.add_argument("--depth-single", type=int, default=1)
+    ap = parser(__doc__, dim=128, depth_dual=2, depth_single=1)
     ap.add_argument("--samples", type=int, default=8)
     ap.add_argument("--min-side", type=int, default=8, help="smallest image side in patches (8 -> 64 tokens)")
     ap.add_argument("--max-side", type=int, default=32, help="largest image side in patches (32 -> 1024 tokens)")
