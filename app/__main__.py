@@ -40,6 +40,7 @@ def quiet_known_noise() -> None:
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*no pre-optimization state was saved.*",  # manual optimization: checkpoints hold the post-step state, as intended
         r".*does not have many workers which may be a bottleneck.*",
+        r"(?s).*Unable to serialize instance <app.checkpoint_io.AtomicCheckpointIO.*",  # set in code, not config
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
