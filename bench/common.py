@@ -155,3 +155,13 @@ def parser(doc: str | None, dim: int | None = None, heads: int = 4, depth_dual: 
         ap.add_argument("--depth-dual", type=int, default=depth_dual)
         ap.add_argument("--depth-single", type=int, default=depth_single)
     return ap
+
+
+def backbone_from_args(args: argparse.Namespace, device: torch.device, dtype: torch.dtype):
+    """The MMDiT ([x, ctx] streams, 2-D RoPE) that the --dim/--heads/--depth-* flags describe, seeded."""
+    from models.backbone import MMDiT, MMDiTConfig
+
+    torch.manual_seed(0)
+    cfg = MMDiTConfig(dim=args.dim, heads=args.heads, depth_dual=args.depth_dual, depth_single=args.depth_single,
+                      streams=2, out_streams=1, rope_axes=2)
+    return MMDiT(cfg).to(device, dtype)

@@ -19,8 +19,8 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, report, table, parser
-from models.backbone import MMDiT, MMDiTConfig
+from common import DTYPES, interleaved, median, report, table, parser, backbone_from_args
+from models.backbone import MMDiT
 
 
 def main() -> None:
@@ -33,17 +33,14 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
-    torch.manual_seed(0)
-    cfg = MMDiTConfig(dim=args.dim, heads=args.heads, depth_dual=args.depth_dual, depth_single=args.depth_single,
-                      streams=2, out_streams=1, rope_axes=2)
-    model = MMDiT(cfg).to(device, dtype)
+    model = backbone_from_args(args, device, dtype)
     b, n, l = args.batch, args.tokens, args.ctx
     x = torch.randn(b, n, args.dim, device=device, dtype=dtype, requires_grad=True)
     ctx = torch.randn(b, l, args.dim, device=device, dtype=dtype)
     pos = torch.randint(0, 32, (b, n, 2), device=device).float()
     t, y = torch.rand(b, device=device), torch.randn(b, args.dim, device=device, dtype=dtype)
 
-    counting = MMDiT(dataclasses.replace(cfg, attn_backend="math")).to(device, dtype)
+    counting = MMDiT(dataclasses.replace(model.cfg, attn_backend="math")).to(device, dtype)
     counting.load_state_dict(model.state_dict())
 
     def forward(m: MMDiT = model) -> torch.Tensor:

@@ -19,9 +19,9 @@ import random
 import torch
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, median_ratio, report, table, parser
+from common import DTYPES, interleaved, median, median_ratio, report, table, parser, backbone_from_args
 from models.attention import resolve_backend
-from models.backbone import MMDiT, MMDiTConfig
+from models.backbone import MMDiT
 from models.packing import Layout
 
 
@@ -79,10 +79,7 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
-    torch.manual_seed(0)
-    cfg = MMDiTConfig(dim=args.dim, heads=args.heads, depth_dual=args.depth_dual, depth_single=args.depth_single,
-                      streams=2, out_streams=1, rope_axes=2)
-    model = MMDiT(cfg).to(device, dtype)
+    model = backbone_from_args(args, device, dtype)
     rng = random.Random(0)
     spread = sorted([args.min_side, args.max_side] + [rng.randint(args.min_side, args.max_side)
                                                        for _ in range(args.samples - 2)])

@@ -12,17 +12,9 @@ import torch
 from PIL import Image
 
 from app.__main__ import main
-from tests.conftest import ROOT
+from tests.conftest import ROOT, SMALL, TINY
 
-TINY = str(ROOT / "configs/image/tiny.yaml")
-# shrink the tiny config further so each test step takes milliseconds
-SMALL = [
-    "--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16",
-    "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
-    "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
-    "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.log_every_n_steps", "1",
-    "--trainer.enable_progress_bar", "false",
-]
+SMALL = [*SMALL, "--trainer.log_every_n_steps", "1"]
 
 
 def fit(tmp_path: Path, shards: Path, *extra: str) -> int:

@@ -20,15 +20,7 @@ import pytest
 import torch
 
 from app.__main__ import main
-from tests.conftest import ROOT
-
-TINY = str(ROOT / "configs/image/tiny.yaml")
-SMALL = [
-    "--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16",
-    "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
-    "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
-    "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",
-]
+from tests.conftest import ROOT, SMALL, TINY
 
 
 # ---- test-only callbacks (also loaded by the Slurm job through --trainer.callbacks+=) ---------
