@@ -133,7 +133,8 @@ class DuoflowCLI(LightningCLI):
             if isinstance(cb, ModelCheckpoint):
                 if cb.dirpath is None:
                     cb.dirpath = ckpt_dir
-                cb.save_last = cb.save_last or True
+                if not cb.save_last:
+                    cb.save_last = True  # keeps "link" if the user chose it
         return trainer
 
     def before_fit(self) -> None:

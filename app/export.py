@@ -39,10 +39,12 @@ def model_config(ckpt: dict) -> dict:
 
 
 def export(ckpt_path: str | Path, out: str | Path, ema: bool = True) -> Path:
-    model, used_ema = load_generator(ckpt_path, "cpu", ema=ema)
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt {ckpt_path}: no such checkpoint file")
+    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    model, used_ema = load_generator(ckpt_path, "cpu", ema=ema, ckpt=ckpt)
     if ema and not used_ema:
         raise UserError(f"--ckpt {ckpt_path}: holds no EMA weights; pass --no-ema to export the raw weights")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
     tensors = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
     metadata = {
         "duoflow_model": json.dumps(model_config(ckpt)),

@@ -28,15 +28,18 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True):
-    """Rebuild the generator from its checkpoint (the config travels in it) and load EMA weights."""
+def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True, ckpt: dict | None = None):
+    """Rebuild the generator from its checkpoint (the config travels in it) and load EMA weights.
+
+    `ckpt`: the checkpoint already read from `ckpt_path`, when the caller has it (saves a read)."""
     from callbacks.ema import load_ema_weights
     from models.generators import FlowMatchingModule
 
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"--ckpt {path}: no such checkpoint file")
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    if ckpt is None:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
     class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
     if not class_path:
         raise UserError(f"--ckpt {path}: not a duoflow generator checkpoint (no model class recorded in it)")
