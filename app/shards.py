@@ -16,12 +16,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     img.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     img.add_argument("--prefix", default="img", help="shard file name prefix (default img)")
     syn = sub.add_parser("synthetic", help="procedural data with class ids and captions")
-    syn.add_argument("kind", help="image")
+    syn.add_argument("kind", choices=list(synthetic.SYNTHETIC_KINDS),
+                     help="image (square shapes), image-mixed (mixed sizes and aspect ratios), video, audio, shape, audiovideo")
     syn.add_argument("out", help="output folder for the shards")
     syn.add_argument("--num", type=int, required=True, help="number of samples")
     syn.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     syn.add_argument("--seed", type=int, default=0)
-    syn.add_argument("--size", type=int, default=32, help="image side in pixels (default 32)")
+    syn.add_argument("--size", type=int, default=None, help="image / video frame side in pixels (default: the kind's own)")
     return ap.parse_args(argv)
 
 

@@ -1,5 +1,9 @@
 """Training speed as the user cares about it: samples/s and tokens/s per device, and MFU when
-the peak FLOP/s of the device is known."""
+the peak FLOP/s of the device is known.
+
+Token counts are the joint sequence (generated + context tokens) of each sample, read from the
+generator after its step (`last_lengths`), so variable-size packed batches count what really ran.
+"""
 
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ class Throughput(L.Callback):
         self.t0: float | None = None
         self.samples = 0
         self.tokens = 0
+        self.flops = 0.0
+        self.padded = 0
         self.steps = 0
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch, batch_idx: int) -> None:
@@ -28,19 +34,23 @@ class Throughput(L.Callback):
             self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        x = batch["x"]
-        b = len(x)
-        n_tok = pl_module.tokenizer.num_tokens(*x.shape[-2:]) if hasattr(pl_module.tokenizer, "num_tokens") else 0
+        lengths = list(getattr(pl_module, "last_lengths", []))  # joint tokens per sample of this step
+        b = len(lengths)
         self.samples += b
-        self.tokens += b * n_tok
+        self.tokens += sum(lengths)
+        self.flops += 3 * sum(pl_module.backbone.flops_per_token(n) * n for n in lengths)  # fwd + 2x bwd
+        self.padded += b * max(lengths, default=0)
         self.steps += 1
         if self.steps < self.window:
             return
         dt = time.perf_counter() - self.t0
-        metrics = {"perf/samples_per_s": self.samples / dt, "perf/tokens_per_s": self.tokens / dt,
-                   "perf/step_time_s": dt / self.steps}
-        if self.peak_flops and n_tok:
-            flops = 3 * pl_module.backbone.flops_per_token(n_tok) * self.tokens / dt
-            metrics["perf/mfu"] = flops / self.peak_flops
-        pl_module.log_dict(metrics, batch_size=b)
-        self.t0, self.samples, self.tokens, self.steps = time.perf_counter(), 0, 0, 0
+        metrics = {
+            "perf/samples_per_s": self.samples / dt, "perf/tokens_per_s": self.tokens / dt,
+            "perf/step_time_s": dt / self.steps,
+            # what padding every batch to its longest sample would waste; packed batches run none of it
+            "data/padding_fraction_if_padded": 1.0 - self.tokens / max(self.padded, 1),
+        }
+        if self.peak_flops:
+            metrics["perf/mfu"] = self.flops / dt / self.peak_flops
+        pl_module.log_dict(metrics, batch_size=max(b, 1))
+        self.t0, self.samples, self.tokens, self.flops, self.padded, self.steps = time.perf_counter(), 0, 0, 0.0, 0, 0

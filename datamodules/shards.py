@@ -237,6 +237,23 @@ class SkipBad:
             yield out
 
 
+def budget_batched(src: Iterable[dict], batch_size: int, budget: int, cost) -> Iterator[dict]:
+    """Stage: consecutive samples into batches of at most ``batch_size`` samples and ``budget`` cost.
+
+    A batch closes when the next sample would pass either limit. A sample costing more than the
+    budget alone still forms its own batch: nothing is dropped or cropped to fit."""
+    batch: list[dict] = []
+    used = 0
+    for sample in src:
+        c = cost(sample)
+        if batch and (used + c > budget or len(batch) >= batch_size):
+            yield collate(batch)
+            batch, used = [], 0
+        batch.append(sample)
+        used += c
+    # the training stream is endless: no partial last batch
+
+
 class TrainStream:
     """One rank's endless training batches for one epoch: a pure function of (seed, epoch, rank, worker).
 
@@ -246,8 +263,9 @@ class TrainStream:
     """
 
     def __init__(self, urls: list[str], rank: int, world_size: int, transform, batch_size: int,
-                 shuffle_buffer: int, seed: int, max_bad_fraction: float):
+                 shuffle_buffer: int, seed: int, max_bad_fraction: float, batch_budget: int | None = None):
         self.urls, self.rank, self.world_size = list(urls), rank, world_size
+        self.batch_budget = batch_budget
         self.transform, self.batch_size, self.shuffle_buffer, self.seed = transform, batch_size, shuffle_buffer, seed
         self.skips = SkipCounter(max_bad_fraction, rank=rank)  # one per worker (each holds a copy)
 
@@ -263,9 +281,15 @@ class TrainStream:
                 self.skips.map(decode_sample),
                 self.skips.map(self.transform),
                 self.skips.passed,
-                wds.batched(self.batch_size, collation_fn=collate, partial=False),
+                self.batcher(),
             ]
         ))
+
+    def batcher(self):
+        if self.batch_budget is None:
+            return wds.batched(self.batch_size, collation_fn=collate, partial=False)
+        return functools.partial(budget_batched, batch_size=self.batch_size, budget=self.batch_budget,
+                                 cost=self.transform.cost)
 
 
 POSITION_KEY = "__pos__"
@@ -335,6 +359,11 @@ class ShardDataModule(lightning.LightningDataModule):
         seed: Seed for the shard order and the shuffle buffers.
         samples_per_epoch: Samples per epoch over all ranks; None counts the train shards.
         max_bad_fraction: Stop when more than this fraction of samples fail to decode.
+        batch_budget: Close a training batch before its summed sample cost passes this (the
+            transform's ``cost``: tokens for images with ``multiple`` = patch size); ``batch_size``
+            still caps the samples. For mixed sizes: small images come many to a batch, large ones
+            few. An epoch stays ``samples_per_epoch // (batch_size * world_size)`` batches, so set
+            ``batch_size`` to the samples a typical batch holds. None: fixed ``batch_size``.
     """
 
     def __init__(
@@ -348,13 +377,15 @@ class ShardDataModule(lightning.LightningDataModule):
         seed: int = 0,
         samples_per_epoch: int | None = None,
         max_bad_fraction: float = 0.05,
+        batch_budget: int | None = None,
     ):
         super().__init__()
-        if batch_size <= 0 or num_workers < 0 or shuffle_buffer <= 0:
+        if batch_size <= 0 or num_workers < 0 or shuffle_buffer <= 0 or (batch_budget is not None and batch_budget <= 0):
             raise ValueError(
-                f"ShardDataModule: need batch_size > 0, num_workers >= 0, shuffle_buffer > 0; "
-                f"got {batch_size}, {num_workers}, {shuffle_buffer}"
+                f"ShardDataModule: need batch_size > 0, num_workers >= 0, shuffle_buffer > 0, batch_budget > 0 or null; "
+                f"got {batch_size}, {num_workers}, {shuffle_buffer}, {batch_budget}"
             )
+        self.batch_budget = batch_budget
         self.train_shards, self.val_shards = train_shards, val_shards
         self.transform = transform if transform is not None else ImageTransform()
         self.batch_size, self.num_workers = batch_size, num_workers
@@ -366,7 +397,7 @@ class ShardDataModule(lightning.LightningDataModule):
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
         """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""
         return TrainStream(urls, rank, world_size, self.transform, self.batch_size, self.shuffle_buffer, self.seed,
-                           self.max_bad_fraction)
+                           self.max_bad_fraction, self.batch_budget)
 
     def val_pipeline(self, urls: list[str], rank: int, world_size: int) -> wds.DataPipeline:
         """Every validation sample once across ranks, in shard order, last batch partial."""

@@ -7,8 +7,9 @@ Coordinates are fractions of the image side: ``cx, cy`` is the shape centre, ``s
 
 from __future__ import annotations
 
+import importlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
 import numpy as np
 from tqdm import tqdm
@@ -88,23 +89,65 @@ def synthetic_images(num: int, image_size: int = 32, seed: int = 0) -> Iterator[
         }
 
 
-SYNTHETIC_KINDS: dict[str, tuple[Callable[..., Iterator[dict]], str, tuple[str, ...]]] = {
-    "image": (synthetic_images, "shard", SHAPES),
+def synthetic_mixed_images(num: int, image_size: int = 32, seed: int = 0) -> Iterator[dict]:
+    """Like ``synthetic_images`` on canvases of mixed aspect ratios and sizes (for packing and budgets).
+
+    The shape is rendered square (undistorted) at the canvas' shorter side, then placed at a random
+    offset along the longer one; sides range over [image_size / 2, 2 * image_size], aspect 1:2 to 2:1."""
+    for sample in synthetic_images(num, image_size=image_size, seed=seed):
+        rng = np.random.default_rng([seed, int(sample["__key__"]), 1])
+        short = int(rng.integers(max(4, image_size // 2), image_size + 1))
+        long = int(round(short * rng.uniform(1.0, 2.0)))
+        square = render_shape(sample["json"]["shape"], COLOURS[sample["json"]["colour"]], 4, sample["json"]["x"],
+                              sample["json"]["y"], sample["json"]["scale"], short)
+        canvas = np.empty((short, long, 3), np.uint8)
+        canvas[:] = BACKGROUND
+        offset = int(rng.integers(0, long - short + 1))
+        canvas[:, offset : offset + short] = square
+        if rng.random() < 0.5:  # portrait
+            canvas = canvas.transpose(1, 0, 2).copy()
+        yield {**sample, "png": canvas, "json": {**sample["json"], "height": canvas.shape[0], "width": canvas.shape[1]}}
+
+
+def _images(num: int, seed: int = 0, size: int | None = None) -> Iterator[dict]:
+    return synthetic_images(num, image_size=size or 32, seed=seed)
+
+
+def _mixed_images(num: int, seed: int = 0, size: int | None = None) -> Iterator[dict]:
+    return synthetic_mixed_images(num, image_size=size or 32, seed=seed)
+
+
+SYNTHETIC_KINDS: dict[str, tuple[str, str, str]] = {
+    "image": ("datamodules.synthetic:_images", "shard", "datamodules.synthetic:SHAPES"),
+    "image-mixed": ("datamodules.synthetic:_mixed_images", "shard", "datamodules.synthetic:SHAPES"),
+    "video": ("datamodules.video:synthetic_videos", "shard", "datamodules.synthetic:SHAPES"),
+    "audio": ("datamodules.audio:synthetic_audio", "shard", "datamodules.audio:TIMBRES"),
+    "shape": ("datamodules.shapes:synthetic_shapes", "shard", "datamodules.shapes:SOLIDS"),
+    "audiovideo": ("datamodules.audiovideo:synthetic_audiovideo", "shard", "datamodules.audiovideo:CLASSES"),
 }
-"""kind -> (sample generator, shard prefix, class names). Add video/audio/shape here."""
+"""kind -> (sample generator ``fn(num, seed=, size=)``, shard prefix, class names), as "module:attribute"
+(imported when used, so one modality's dependencies never load for another)."""
+
+
+def _resolve(ref: str):
+    module, attribute = ref.split(":")
+    return getattr(importlib.import_module(module), attribute)
 
 
 def write_synthetic(
-    kind: str, out: str, num: int, shard_size: int = 1000, seed: int = 0, image_size: int = 32, progress: bool = True
+    kind: str, out: str, num: int, shard_size: int = 1000, seed: int = 0, image_size: int | None = None,
+    progress: bool = True,
 ) -> list[str]:
-    """Write ``num`` synthetic samples of ``kind`` to ``<out>/<prefix>-%06d.tar`` plus classes.json and index.json."""
+    """Write ``num`` synthetic samples of ``kind`` to ``<out>/<prefix>-%06d.tar`` plus classes.json and index.json.
+
+    image_size: the modality's resolution (image side, video frame side); None = its default."""
     if kind not in SYNTHETIC_KINDS:
         raise ValueError(f"unknown synthetic kind {kind!r}; accepted: {', '.join(SYNTHETIC_KINDS)}")
     if num <= 0:
         raise ValueError(f"write_synthetic: num must be positive, got {num}")
     generate, prefix, classes = SYNTHETIC_KINDS[kind]
-    write_classes(out, list(classes))
-    samples = generate(num, image_size=image_size, seed=seed)
+    write_classes(out, list(_resolve(classes)))
+    samples = _resolve(generate)(num, seed=seed, size=image_size)
     with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
         for sample in tqdm(samples, total=num, desc=f"synthetic {kind}", unit="sample", disable=not progress):
             writer.write(sample)

@@ -9,6 +9,8 @@ branch inside an existing one.
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import numpy as np
@@ -17,12 +19,22 @@ import torch.nn.functional as F
 
 from datamodules.decoders import IMAGE_EXTENSIONS, BadSample
 
+log = logging.getLogger("duoflow.data")
+
 
 class SampleTransform:
     """Base: ``__call__(decoded) -> dict``; shared helpers for keys, labels and captions."""
 
     def __call__(self, decoded: dict) -> dict:
         raise NotImplementedError
+
+    def cost(self, sample: dict) -> int:
+        """Size of a transformed sample in the units of ``ShardDataModule.batch_budget``.
+
+        Default: values per channel of ``x`` (pixels of an image, samples of a waveform);
+        transforms that know the patch size return tokens."""
+        x = sample["x"]
+        return int(x[0].numel()) if x.ndim > 1 else int(x.numel())
 
     @staticmethod
     def where(decoded: dict) -> str:
@@ -51,25 +63,57 @@ class SampleTransform:
 class ImageTransform(SampleTransform):
     """Image -> ``x`` float32 (3, size, size) in [-1, 1]: resize the shorter side, centre crop.
 
+    With ``keep_aspect`` nothing is cropped: the image is resized to about ``size * size`` pixels
+    at its own aspect ratio, each side a multiple of ``multiple`` (the patch size), so a batch
+    holds images of different shapes (packed by the generator, see models/tokens.py).
+
     Args:
-        size: Output side in pixels.
+        size: Output side in pixels (keep_aspect: the side of the square of the same area).
         random_flip: Flip horizontally with probability 1/2.
+        keep_aspect: Keep each image's aspect ratio (no crop) instead of centre-cropping a square.
+        multiple: With keep_aspect, round each side to a multiple of this (set it to the patch size).
+        max_aspect: With keep_aspect, wider (or taller) images than this ratio are centre-cropped to
+            it (counted in the warning log), so token counts stay bounded.
         image_key: Comma-separated sample fields to look for, first match wins. Fields may hold
             decoded images (uint8 (H, W, 3)) or ``npy`` arrays: uint8, or float in [0, 1];
             (H, W) grey arrays are repeated to 3 channels.
     """
 
-    def __init__(self, size: int = 32, random_flip: bool = False, image_key: str = ",".join(IMAGE_EXTENSIONS)):
-        if size <= 0:
-            raise ValueError(f"ImageTransform: size must be positive, got {size}")
+    def __init__(
+        self,
+        size: int = 32,
+        random_flip: bool = False,
+        image_key: str = ",".join(IMAGE_EXTENSIONS),
+        keep_aspect: bool = False,
+        multiple: int = 1,
+        max_aspect: float = 4.0,
+    ):
+        if size <= 0 or multiple <= 0 or max_aspect < 1:
+            raise ValueError(
+                f"ImageTransform: need size > 0, multiple > 0, max_aspect >= 1; got {size}, {multiple}, {max_aspect}"
+            )
         self.size = size
         self.random_flip = random_flip
         self.image_keys = tuple(k.strip() for k in image_key.split(",") if k.strip())
+        self.keep_aspect, self.multiple, self.max_aspect = keep_aspect, multiple, max_aspect
+
+    def cost(self, sample: dict) -> int:
+        """Tokens of the image when ``multiple`` is the patch size."""
+        _, h, w = sample["x"].shape
+        return (h // self.multiple) * (w // self.multiple)
+
+    def aspect_size(self, height: int, width: int) -> tuple[int, int]:
+        """(h, w): about size^2 pixels at the image's aspect ratio (capped at max_aspect), sides multiples of `multiple`."""
+        aspect = min(max(width / height, 1 / self.max_aspect), self.max_aspect)
+        m = self.multiple
+        h = max(m, round(self.size / math.sqrt(aspect) / m) * m)
+        w = max(m, round(self.size * math.sqrt(aspect) / m) * m)
+        return h, w
 
     def __call__(self, decoded: dict) -> dict:
         field, image = self.first_present(decoded, self.image_keys)
         x = self.to_tensor(image, f"{self.where(decoded)}: {field}")  # (3, H, W) in [-1, 1]
-        x = self.resize_crop(x)  # (3, size, size)
+        x = self.resize_aspect(x) if self.keep_aspect else self.resize_crop(x)  # (3, h, w) / (3, size, size)
         if self.random_flip and torch.rand(()) < 0.5:
             x = x.flip(-1)
         return {"x": x.contiguous(), **self.conditioning(decoded)}
@@ -94,6 +138,22 @@ class ImageTransform(SampleTransform):
             raise BadSample(f"{where}: expected uint8 or float image, got dtype {image.dtype}")
         return x.permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
 
+    def resize_aspect(self, x: torch.Tensor) -> torch.Tensor:
+        """Resize to `aspect_size` (an over-wide image is first centre-cropped to max_aspect)."""
+        _, height, width = x.shape
+        if width > self.max_aspect * height or height > self.max_aspect * width:
+            keep_w = min(width, int(self.max_aspect * height))
+            keep_h = min(height, int(self.max_aspect * width))
+            top, left = (height - keep_h) // 2, (width - keep_w) // 2
+            x = x[:, top : top + keep_h, left : left + keep_w]
+            log.warning("image %dx%d wider than max_aspect=%s: centre-cropped to %dx%d",
+                        width, height, self.max_aspect, keep_w, keep_h)
+            _, height, width = x.shape
+        h, w = self.aspect_size(height, width)
+        if (h, w) != (height, width):
+            x = F.interpolate(x[None], size=(h, w), mode="bicubic", antialias=True, align_corners=False)[0].clamp(-1, 1)
+        return x
+
     def resize_crop(self, x: torch.Tensor) -> torch.Tensor:
         _, height, width = x.shape
         if (height, width) != (self.size, self.size):
@@ -106,7 +166,9 @@ class ImageTransform(SampleTransform):
 
 
 def collate(samples: list[dict]) -> dict:
-    """Batch transform outputs key by key: tensors stacked, ints -> LongTensor, floats -> tensor, rest -> list."""
+    """Batch transform outputs key by key: tensors stacked, ints -> LongTensor, floats -> tensor, rest -> list.
+
+    Tensors of different shapes (mixed image sizes, clip lengths) stay a list; the generator packs them."""
     if not samples:
         raise ValueError("collate: empty batch")
     batch = {}
@@ -114,7 +176,8 @@ def collate(samples: list[dict]) -> dict:
         values = [sample[key] for sample in samples]
         first = values[0]
         if isinstance(first, torch.Tensor):
-            batch[key] = torch.stack(values)
+            same = all(v.shape == first.shape for v in values)
+            batch[key] = torch.stack(values) if same else values
         elif isinstance(first, (int, np.integer)) and not isinstance(first, bool):
             batch[key] = torch.tensor(values, dtype=torch.long)
         elif isinstance(first, float):

@@ -3,9 +3,10 @@
 Letters: B batch, N tokens, P values per token, D model width, L context tokens.
 
 `FlowMatchingModule` owns everything every modality shares: the backbone, the condition
-encoder, the training step (rectified flow, t=0 data / t=1 noise, see models/flow.py), the
-non-finite step guard, the optimizer and LR warm-up, and sampling with classifier-free
-guidance. A modality is a tokenizer, a codec and a media writer on top.
+encoder, the training step (rectified flow, t=0 data / t=1 noise, see models/flow.py) on
+regular or packed token batches, the non-finite step guard, the optimizer and LR warm-up, and
+sampling with classifier-free guidance. A modality is a tokenizer, a codec and a media writer
+on top.
 """
 
 from __future__ import annotations
@@ -26,8 +27,10 @@ from models import flow, media
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
 from models.conditioning import ClassLabel, Condition, Unconditional
+from models.packing import Layout
 from models.tokenizers.base import Tokenizer
 from models.tokenizers.image import ImagePatches
+from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
 
 log = logging.getLogger("duoflow.train")
 
@@ -51,9 +54,17 @@ def numpy_rng_state() -> tuple:
 
 
 class FlowMatchingModule(L.LightningModule):
-    """Rectified-flow training and sampling for one generated stream plus a context stream."""
+    """Rectified-flow training and sampling for generated streams plus a context stream.
+
+    A generated stream is a batch key ("x"), a tokenizer and a codec; ImageFlow, VideoFlow, AudioFlow
+    and ShapeFlow have one, AudioVideoFlow two. Batches may hold same-sized samples (a tensor) or
+    samples of different sizes (a list): those are packed end to end with block-diagonal attention
+    (see models/tokens.py), never padded or cropped.
+    """
 
     media_suffix: ClassVar[str] = ".pt"
+    num_generated: ClassVar[int] = 1
+    """Generated streams; the backbone has one more (the context)."""
 
     def __init__(
         self,
@@ -85,7 +96,6 @@ class FlowMatchingModule(L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # we decide per step whether to apply it (non-finite guard)
-        self.tokenizer = tokenizer
         self.cfg = backbone
         self.timesteps = timesteps
         self.sampler = sampler
@@ -94,49 +104,103 @@ class FlowMatchingModule(L.LightningModule):
         self.cfg_scale = cfg_scale
         self.optim = optim
         self.check_streams(backbone)
-        self.codec = codec if codec is not None else Identity()
         self.cond = conditioning.build(backbone.dim)
         self.backbone = MMDiT(backbone)
-        self.x_in = nn.Linear(tokenizer.token_dim, backbone.dim)
-        self.x_out = nn.Linear(backbone.dim, tokenizer.token_dim)
-        nn.init.zeros_(self.x_out.weight)  # the model predicts v = 0 at init, like adaLN-Zero blocks
-        nn.init.zeros_(self.x_out.bias)
+        self.keys: list[str] = []
+        self.tokenizers: list[Tokenizer] = []
+        self.codecs = nn.ModuleList()
+        self.x_in = nn.ModuleList()
+        self.x_out = nn.ModuleList()
+        self.add_stream("x", tokenizer, codec)
         self.last_step_applied = False
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self.last_lengths: list[int] = []
+        """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
+
+    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None) -> None:
+        """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections."""
+        self.keys.append(key)
+        self.tokenizers.append(tokenizer)
+        self.codecs.append(codec if codec is not None else Identity())
+        self.x_in.append(nn.Linear(tokenizer.token_dim, self.cfg.dim))
+        out = nn.Linear(self.cfg.dim, tokenizer.token_dim)
+        nn.init.zeros_(out.weight)  # the model predicts v = 0 at init, like adaLN-Zero blocks
+        nn.init.zeros_(out.bias)
+        self.x_out.append(out)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.tokenizers[0]
+
+    @property
+    def codec(self) -> nn.Module:
+        return self.codecs[0]
 
     def check_streams(self, cfg: MMDiTConfig) -> None:
-        if cfg.streams != 2 or cfg.out_streams != 1:
+        n = self.num_generated
+        if cfg.streams != n + 1 or cfg.out_streams != n:
             raise ValueError(
                 f"model.backbone.streams={cfg.streams}, out_streams={cfg.out_streams}: "
-                f"{type(self).__name__} needs streams=2 ([x, ctx]) and out_streams=1"
+                f"{type(self).__name__} needs streams={n + 1} and out_streams={n} ({n} generated + the context)"
             )
 
     # ---- the model -------------------------------------------------------------------
 
-    def velocity(self, x_t: Tensor, t: Tensor, cond: dict[str, Any], drop: Tensor) -> Tensor:
-        """Predicted velocity v(x_t, t | cond) in the latent's own shape."""
-        tokens, pos = self.tokenizer.tokenize(x_t)  # (B, N, P), (B, N, A)
-        ctx, pooled = self.cond(cond, drop)  # (B, L, D), (B, D)
-        (h,) = self.backbone([self.x_in(tokens), ctx], t, pooled, [pos, None])
-        return self.tokenizer.untokenize(self.x_out(h), tuple(x_t.shape))
+    def velocity_tokens(self, xs: list[Tokens], t: Tensor, cond: dict[str, Any], drop: Tensor) -> list[Tensor]:
+        """Predicted velocity of every generated stream, as tokens in each stream's layout."""
+        ctx, pooled = self.cond(cond, drop)  # (S, L, D), (S, D)
+        s, n_ctx = ctx.shape[:2]
+        if any(x.packed for x in xs):
+            xs = [as_packed(x) for x in xs]
+            layout = Layout.packed([x.lengths for x in xs] + [[n_ctx] * s])
+            ctx = ctx.reshape(1, s * n_ctx, -1)  # (1, S L, D)
+        else:
+            layout = None
+        if self.training:
+            self.last_lengths = [sum(n) + n_ctx for n in zip(*(x.token_counts() for x in xs))]
+        streams = [proj(x.x) for proj, x in zip(self.x_in, xs)] + [ctx]
+        hs = self.backbone(streams, t, pooled, [x.pos for x in xs] + [None], layout)
+        return [proj(h) for proj, h in zip(self.x_out, hs)]
 
-    def encode(self, batch: dict[str, Any]) -> Tensor:
+    def velocity(self, x_t: Latents, t: Tensor, cond: dict[str, Any], drop: Tensor) -> Latents:
+        """v(x_t, t | cond) of a single-stream model in the latents' own form (tensor or list)."""
+        x = tokenize(self.tokenizer, x_t)
+        (v,) = self.velocity_tokens([x], t, cond, drop)
+        return untokenize(self.tokenizer, x.with_x(v))
+
+    def latents(self, batch: dict[str, Any]) -> list[Latents]:
+        """The first stage of every generated stream (no gradient: codecs are fixed)."""
         with torch.no_grad():
-            return self.codec.encode(batch["x"])
+            return [map_latents(codec.encode, batch[key]) for key, codec in zip(self.keys, self.codecs)]
+
+    def tokens(self, batch: dict[str, Any]) -> list[Tokens]:
+        return [tokenize(tok, z) for tok, z in zip(self.tokenizers, self.latents(batch))]
 
     @staticmethod
     def conditions(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in ("cls", "txt") if k in batch}
 
-    def loss(self, batch: dict[str, Any]) -> Tensor:
-        x_0 = self.encode(batch)
-        b = x_0.shape[0]
-        t = flow.shift_t(self.timesteps(b, device=x_0.device), self.shift)
-        eps = torch.randn_like(x_0)
-        drop = flow.drop_mask(b, self.cond_drop, device=x_0.device)
-        v = self.velocity(flow.interpolate(x_0, eps, t), t, self.conditions(batch), drop)
-        return flow.flow_loss(v.float(), flow.velocity_target(x_0, eps).float())
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+        """Mean over samples of the squared velocity error, summed over generated streams.
+
+        generator=None: training (global RNG, condition dropout); a generator: the same t and noise
+        every time and no dropout (validation)."""
+        xs = self.tokens(batch)
+        s, device = xs[0].num_samples, xs[0].x.device
+        t = flow.shift_t(self.timesteps(s, generator=generator).to(device), self.shift)
+        eps = [torch.randn(x.x.shape, generator=generator).to(x.x) if generator is not None else torch.randn_like(x.x)
+               for x in xs]
+        if generator is None:
+            drop = flow.drop_mask(s, self.cond_drop, device=device)
+        else:
+            drop = torch.zeros(s, dtype=torch.bool, device=device)
+        x_t = [x.with_x(flow.interpolate(x.x, e, x.per_token(t))) for x, e in zip(xs, eps)]
+        vs = self.velocity_tokens(x_t, t, self.conditions(batch), drop)
+        per_sample = sum(
+            per_sample_mse(v, flow.velocity_target(x.x, e), x.lengths) for v, x, e in zip(vs, xs, eps)
+        )
+        return per_sample.mean()
 
     # ---- training ----------------------------------------------------------------------
 
@@ -171,27 +235,21 @@ class FlowMatchingModule(L.LightningModule):
             opt.step()
             sched.step()
             self.nonfinite_streak = 0
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch["x"]))
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[self.keys[0]]))
         else:
             self.nonfinite_streak += 1
             self.nonfinite_total += 1
             log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
                         self.global_step, self.nonfinite_streak)
         opt.zero_grad(set_to_none=True)
-        self.log("train/skipped_steps", float(self.nonfinite_total), batch_size=len(batch["x"]))
-        self.log("train/lr", sched.get_last_lr()[0], batch_size=len(batch["x"]))
+        self.log("train/skipped_steps", float(self.nonfinite_total), batch_size=len(batch[self.keys[0]]))
+        self.log("train/lr", sched.get_last_lr()[0], batch_size=len(batch[self.keys[0]]))
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)  # same t and noise every validation
-        x_0 = self.encode(batch)
-        b = x_0.shape[0]
-        t = flow.shift_t(self.timesteps(b, generator=gen).to(x_0.device), self.shift)
-        eps = torch.randn(x_0.shape, generator=gen).to(x_0)
-        no_drop = torch.zeros(b, dtype=torch.bool, device=x_0.device)
-        v = self.velocity(flow.interpolate(x_0, eps, t), t, self.conditions(batch), no_drop)
-        loss = flow.flow_loss(v.float(), flow.velocity_target(x_0, eps).float())
-        self.log("val/loss", loss, prog_bar=True, batch_size=b, sync_dist=True)
+        loss = self.loss(batch, generator=gen)
+        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[self.keys[0]]), sync_dist=True)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -226,12 +284,31 @@ class FlowMatchingModule(L.LightningModule):
         cfg_scale: float | None = None,
         seed: int = 0,
         progress: bool = False,
-    ) -> Tensor:
-        """Sample `num` latents from noise with the ODE sampler and decode them to media tensors."""
+        shapes: list[tuple[int, ...]] | None = None,
+    ) -> Any:
+        """Sample `num` latents from noise with the ODE sampler and decode them to media tensors.
+
+        shapes: latent shape per generated stream (e.g. more frames); default each tokenizer's
+        `latent_shape()`. Returns the decoded media (a tuple of them with several streams)."""
         scale = self.cfg_scale if cfg_scale is None else cfg_scale
         sampler = self.sampler if steps is None else replace(self.sampler, steps=steps)
+        shapes = shapes or [tok.latent_shape() for tok in self.tokenizers]
         gen = torch.Generator(device="cpu").manual_seed(seed)
-        x_1 = torch.randn((num, *self.tokenizer.latent_shape()), generator=gen).to(self.device)
+        noise = [torch.randn((num, *shape), generator=gen).to(self.device) for shape in shapes]
+        xs = [tokenize(tok, z) for tok, z in zip(self.tokenizers, noise)]
+        sizes = [x.x[0].numel() for x in xs]
+
+        def unflat(x: Tensor) -> list[Tokens]:  # (b, V) -> the streams' tokens, b = num or 2 num
+            b = x.shape[0]
+            return [
+                Tokens(part.reshape(b, *ref.x.shape[1:]), None if ref.pos is None else ref.pos[:1].expand(b, -1, -1),
+                       None, ref.shapes[:1] * b)
+                for part, ref in zip(x.split(sizes, dim=1), xs)
+            ]
+
+        def flat(vs: list[Tensor]) -> Tensor:
+            return torch.cat([v.flatten(1) for v in vs], dim=1)
+
         keep = torch.zeros(num, dtype=torch.bool, device=self.device)
         both = {k: (list(v) * 2 if isinstance(v, (list, tuple)) else torch.cat([v, v])) for k, v in cond.items()}
         both_drop = torch.cat([keep, ~keep])
@@ -239,13 +316,17 @@ class FlowMatchingModule(L.LightningModule):
         def v_fn(x: Tensor, t: Tensor) -> Tensor:
             t = t.to(self.device).expand(x.shape[0])
             if scale == 1.0:
-                return self.velocity(x, t, cond, keep)
-            v = self.velocity(torch.cat([x, x]), torch.cat([t, t]), both, both_drop)
+                return flat(self.velocity_tokens(unflat(x), t, cond, keep))
+            v = flat(self.velocity_tokens(unflat(torch.cat([x, x])), torch.cat([t, t]), both, both_drop))
             v_cond, v_uncond = v.chunk(2)
             return flow.cfg_velocity(v_cond, v_uncond, scale)
 
-        x_0 = sampler(v_fn, x_1, shift=self.shift, progress=progress)
-        return self.codec.decode(x_0)
+        x_0 = sampler(v_fn, flat([x.x for x in xs]), shift=self.shift, progress=progress)
+        media = [
+            codec.decode(untokenize(tok, x.with_x(part.reshape(x.x.shape))))
+            for codec, tok, x, part in zip(self.codecs, self.tokenizers, xs, x_0.split(sizes, dim=1))
+        ]
+        return media[0] if len(media) == 1 else tuple(media)
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         """Write generated media to files; returns their paths (a preview last, when there is one)."""

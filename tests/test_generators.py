@@ -86,3 +86,50 @@ def test_training_reduces_loss_on_a_fixed_batch() -> None:
     torch.manual_seed(0)
     last = sum(m.loss(b).item() for _ in range(8)) / 8
     assert last < 0.8 * first, (first, last)
+
+
+def perturbed(m: ImageFlow) -> ImageFlow:
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return m.eval()
+
+
+def test_packed_mixed_sizes_match_each_sample_alone() -> None:
+    """A list of differently sized images is packed (block-diagonal attention): each sample's
+    velocity equals the one computed for it alone, so no sample sees another."""
+    torch.manual_seed(0)
+    m = perturbed(tiny())
+    xs = [torch.randn(3, 8, 8), torch.randn(3, 4, 12), torch.randn(3, 6, 2)]
+    t = torch.tensor([0.2, 0.5, 0.9])
+    cond = {"cls": torch.tensor([0, 1, 2])}
+    keep = torch.zeros(3, dtype=torch.bool)
+    with torch.no_grad():
+        packed = m.velocity(xs, t, cond, keep)
+        alone = [m.velocity(x[None], t[i : i + 1], {"cls": cond["cls"][i : i + 1]}, keep[:1])[0]
+                 for i, x in enumerate(xs)]
+    assert [v.shape for v in packed] == [x.shape for x in xs]
+    for a, b in zip(packed, alone):
+        torch.testing.assert_close(a, b, atol=2e-5, rtol=1e-4)
+
+
+def test_packed_loss_weighs_samples_like_a_regular_batch() -> None:
+    """Same-sized samples given as a list take the regular path; a packed batch's loss is the
+    mean of per-sample means (a long sample does not outweigh a short one)."""
+    from models.tokens import per_sample_mse
+
+    pred, target = torch.zeros(1, 5, 2), torch.ones(1, 5, 2)
+    target[0, :1] = 3.0  # sample 0: 1 token, error 9; sample 1: 4 tokens, error 1
+    torch.testing.assert_close(per_sample_mse(pred, target, [1, 4]), torch.tensor([9.0, 1.0]))
+    m = tiny()
+    b = batch()
+    torch.manual_seed(1)
+    regular = m.loss(b)
+    torch.manual_seed(1)
+    listed = m.loss({**b, "x": list(b["x"])})
+    torch.testing.assert_close(regular, listed)
+    mixed = {**b, "x": [torch.rand(3, 8, 8), torch.rand(3, 4, 8), torch.rand(3, 8, 4), torch.rand(3, 2, 2)]}
+    loss = m.loss(mixed)
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in m.backbone.parameters())
+    assert m.last_lengths == [16 + 1, 8 + 1, 8 + 1, 1 + 1]  # image tokens + one class token each

@@ -59,7 +59,7 @@ class FaultyFlow(ImageFlow):
         if i in self.nan_loss or (self.nan_from is not None and i >= self.nan_from):
             loss = loss + math.nan  # a constant: the gradients stay finite, only the loss is NaN
         if i in self.nan_grad:
-            loss = loss + _nan_grad(self.x_out.weight)
+            loss = loss + _nan_grad(self.x_out[0].weight)
         return loss
 
 
