@@ -6,7 +6,8 @@ its extension (``"seg.png"`` decodes as png) through an allow-list; any other ex
 dropped, never decoded. Pickle in every form (``pyd``, ``pickle``, ``pth``, ``pt``) is not on
 the list: unpickling a member of a downloaded tar runs arbitrary code. ``npy`` is read with
 ``allow_pickle=False`` (object arrays are refused). Image formats are pinned so that PIL never
-hands a member to an external program (EPS -> Ghostscript).
+hands a member to an external program (EPS -> Ghostscript); ``mp4`` is opened with the MP4
+demuxer only (no format probing) and its frame count and size are capped.
 
 Any failure becomes ``BadSample("<shard>:<key>: <ext>: <reason>")``, which the pipeline
 counts, logs and skips.
@@ -19,6 +20,7 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+import av
 import numpy as np
 import safetensors.numpy
 import soundfile
@@ -26,6 +28,11 @@ from PIL import Image
 
 MAX_IMAGE_PIXELS: int = 64 * 2**20
 """Decompression-bomb guard: images with more pixels are refused from the header, before decoding."""
+
+MAX_VIDEO_FRAMES: int = 2048
+"""Clips with more frames are refused (from the header when it says, else while decoding)."""
+MAX_VIDEO_PIXELS: int = 2**28
+"""Bound on frames * height * width of one clip (768 MiB as uint8 RGB)."""
 
 IMAGE_EXTENSIONS = ("png", "jpg", "jpeg", "webp")
 _PIL_FORMATS = ("PNG", "JPEG", "WEBP")
@@ -42,6 +49,38 @@ def decode_image(data: bytes) -> np.ndarray:
         if width * height > MAX_IMAGE_PIXELS:
             raise BadSample(f"{width}x{height} image exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
         return np.array(image.convert("RGB"), dtype=np.uint8)  # a writable copy
+
+
+def decode_video(data: bytes) -> np.ndarray:
+    """MP4 bytes -> (T, H, W, 3) uint8 RGB of the first video stream; audio streams are ignored.
+
+    Refuses more than MAX_VIDEO_FRAMES frames, frames over MAX_IMAGE_PIXELS and clips over
+    MAX_VIDEO_PIXELS, from the header where it says and while decoding where it does not.
+    """
+    with av.open(io.BytesIO(data), format="mp4") as container:
+        if not container.streams.video:
+            raise BadSample("mp4 holds no video stream")
+        stream = container.streams.video[0]
+        width, height = stream.codec_context.width, stream.codec_context.height  # from the header
+        if width * height > MAX_IMAGE_PIXELS:
+            raise BadSample(f"{width}x{height} frames exceed MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+        if stream.frames > MAX_VIDEO_FRAMES:
+            raise BadSample(f"{stream.frames} frames exceed MAX_VIDEO_FRAMES={MAX_VIDEO_FRAMES}")
+        frames, pixels = [], 0
+        for frame in container.decode(stream):
+            if frame.width * frame.height > MAX_IMAGE_PIXELS:
+                raise BadSample(f"{frame.width}x{frame.height} frame exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
+            pixels += frame.width * frame.height
+            if len(frames) >= MAX_VIDEO_FRAMES:
+                raise BadSample(f"clip exceeds MAX_VIDEO_FRAMES={MAX_VIDEO_FRAMES}")
+            if pixels > MAX_VIDEO_PIXELS:
+                raise BadSample(f"clip exceeds MAX_VIDEO_PIXELS={MAX_VIDEO_PIXELS}")
+            frames.append(frame.to_ndarray(format="rgb24"))
+    if not frames:
+        raise BadSample("mp4 holds no decodable frames")
+    if len({f.shape for f in frames}) > 1:
+        raise BadSample("mp4 frames change size mid-stream")
+    return np.stack(frames)
 
 
 def decode_npy(data: bytes) -> np.ndarray:
@@ -72,6 +111,7 @@ def decode_safetensors(data: bytes) -> dict[str, np.ndarray]:
 
 DECODERS: dict[str, Callable[[bytes], Any]] = {
     **{ext: decode_image for ext in IMAGE_EXTENSIONS},
+    "mp4": decode_video,
     "npy": decode_npy,
     "cls": decode_cls,
     "txt": decode_txt,

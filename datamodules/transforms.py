@@ -63,12 +63,13 @@ class SampleTransform:
 class ImageTransform(SampleTransform):
     """Image -> ``x`` float32 (3, size, size) in [-1, 1]: resize the shorter side, centre crop.
 
-    With ``keep_aspect`` nothing is cropped: the image is resized to about ``size * size`` pixels
-    at its own aspect ratio, each side a multiple of ``multiple`` (the patch size), so a batch
-    holds images of different shapes (packed by the generator, see models/tokens.py).
+    With ``keep_aspect`` nothing is cropped: an image keeps its aspect ratio and its resolution up
+    to ``size * size`` pixels (larger ones are scaled down to that area), each side rounded to a
+    multiple of ``multiple`` (the patch size), so a batch holds images of different shapes and
+    token counts (packed by the generator, see models/tokens.py).
 
     Args:
-        size: Output side in pixels (keep_aspect: the side of the square of the same area).
+        size: Output side in pixels (keep_aspect: the side of the square of the largest area kept).
         random_flip: Flip horizontally with probability 1/2.
         keep_aspect: Keep each image's aspect ratio (no crop) instead of centre-cropping a square.
         multiple: With keep_aspect, round each side to a multiple of this (set it to the patch size).
@@ -103,11 +104,12 @@ class ImageTransform(SampleTransform):
         return (h // self.multiple) * (w // self.multiple)
 
     def aspect_size(self, height: int, width: int) -> tuple[int, int]:
-        """(h, w): about size^2 pixels at the image's aspect ratio (capped at max_aspect), sides multiples of `multiple`."""
+        """(h, w): at most about size^2 pixels at the image's aspect ratio (capped at max_aspect), sides multiples of `multiple`."""
         aspect = min(max(width / height, 1 / self.max_aspect), self.max_aspect)
+        side = min(self.size, math.sqrt(height * width))  # smaller images keep their resolution
         m = self.multiple
-        h = max(m, round(self.size / math.sqrt(aspect) / m) * m)
-        w = max(m, round(self.size * math.sqrt(aspect) / m) * m)
+        h = max(m, round(side / math.sqrt(aspect) / m) * m)
+        w = max(m, round(side * math.sqrt(aspect) / m) * m)
         return h, w
 
     def __call__(self, decoded: dict) -> dict:

@@ -1,0 +1,85 @@
+"""3-D patch tokenizer for video (or video latents): tubelets of tpatch frames by patch x patch pixels.
+
+Letters: B batch, C channels, T frames, H/W height/width, k temporal patch (tpatch), p patch
+side, N = (T/k)(H/p)(W/p) tokens in (t, row, col) order, time slowest.
+Any T, H, W that are multiples of the patch sizes tokenize: packed batches hold clips of
+different lengths, tokenized one by one with B = 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from models.tokenizers.base import Tokenizer
+
+
+@dataclass(frozen=True)
+class VideoPatches(Tokenizer):
+    channels: int = 3
+    """Channels of the latent (3 for RGB pixels)."""
+    frames: int = 8
+    """Frames of the latent that samples are generated with."""
+    size: int = 16
+    """Height and width of the latent that samples are generated at."""
+    patch: int = 2
+    """Spatial patch side."""
+    tpatch: int = 1
+    """Frames per token; each token holds channels * tpatch * patch * patch values."""
+
+    def __post_init__(self) -> None:
+        if min(self.channels, self.frames, self.size, self.patch, self.tpatch) <= 0:
+            raise ValueError(f"VideoPatches: all sizes must be positive, got {self}")
+        if self.size % self.patch:
+            raise ValueError(f"VideoPatches: size={self.size} must be a multiple of patch={self.patch}")
+        if self.frames % self.tpatch:
+            raise ValueError(f"VideoPatches: frames={self.frames} must be a multiple of tpatch={self.tpatch}")
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.tpatch * self.patch * self.patch
+
+    rope_axes: ClassVar[int] = 3
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.frames, self.size, self.size)
+
+    def num_tokens(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
+        t, h, w = frames or self.frames, height or self.size, width or self.size
+        return (t // self.tpatch) * (h // self.patch) * (w // self.patch)
+
+    def positions(self, frames: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
+        """(N, 3) integer-valued float (t, row, col) grid of tubelet positions, t slowest."""
+        axes = (
+            torch.arange(frames // self.tpatch, device=device),
+            torch.arange(height // self.patch, device=device),
+            torch.arange(width // self.patch, device=device),
+        )
+        return torch.stack(torch.meshgrid(*axes, indexing="ij"), -1).reshape(-1, 3).float()
+
+    def check(self, shape: tuple[int, ...]) -> None:
+        """ValueError unless ``shape`` ends in (C, T, H, W) with T, H, W whole multiples of the patch sizes."""
+        whole = len(shape) >= 4 and not (shape[-3] % self.tpatch or shape[-2] % self.patch or shape[-1] % self.patch)
+        if not whole or shape[-4] != self.channels:
+            raise ValueError(
+                f"VideoPatches: expected (B, {self.channels}, T, H, W) with T a multiple of tpatch={self.tpatch} "
+                f"and H, W multiples of patch={self.patch}, got {tuple(shape)}"
+            )
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        self.check(x.shape)
+        b, _, t, h, w = x.shape
+        tokens = rearrange(x, "b c (t k) (h p) (w q) -> b (t h w) (c k p q)", k=self.tpatch, p=self.patch, q=self.patch)
+        pos = self.positions(t, h, w, x.device).expand(b, -1, -1)  # (B, N, 3)
+        return tokens, pos
+
+    def untokenize(self, tokens: Tensor, shape: tuple[int, ...]) -> Tensor:
+        self.check(tuple(shape))
+        t, h, w = shape[-3] // self.tpatch, shape[-2] // self.patch, shape[-1] // self.patch
+        return rearrange(
+            tokens, "b (t h w) (c k p q) -> b c (t k) (h p) (w q)", t=t, h=h, w=w, k=self.tpatch, p=self.patch, q=self.patch
+        )
