@@ -30,6 +30,7 @@ from models.conditioning import ClassLabel, Condition, Unconditional
 from models.packing import Layout
 from models.tokenizers.base import Tokenizer
 from models.tokenizers.image import ImagePatches
+from models.tokenizers.video import VideoPatches
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
 
 log = logging.getLogger("duoflow.train")
@@ -337,10 +338,19 @@ class FlowMatchingModule(L.LightningModule):
         return [path]
 
     def log_media(self, logger: Any, paths: list[Path], step: int) -> None:
-        """Send the preview to the experiment tracker (W&B) when the logger can take it."""
+        """Send the preview image and a few media files (MP4 video, WAV audio) to the tracker (W&B)."""
+        if not paths:
+            return
         log_image = getattr(logger, "log_image", None)
-        if log_image is not None and paths and paths[-1].suffix == ".png":
+        if log_image is not None and paths[-1].suffix == ".png":
             log_image(key="samples", images=[str(paths[-1])], step=step)
+        for suffix, method in ((".mp4", "log_video"), (".wav", "log_audio")):
+            files = [str(p) for p in paths if p.suffix == suffix][:4]
+            log_fn = getattr(logger, method, None)
+            if files and log_fn is not None:
+                extra = {"sample_rate": [getattr(self, "sample_rate", None)] * len(files)} if suffix == ".wav" else {}
+                log_fn(key=f"samples/{suffix[1:]}", **{"videos" if suffix == ".mp4" else "audios": files}, step=step,
+                       **extra)
 
 
 class ImageFlow(FlowMatchingModule):
@@ -358,3 +368,24 @@ class ImageFlow(FlowMatchingModule):
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         return media.save_images(x, out_dir, prefix, upscale=max(1, 256 // x.shape[-1]))
+
+
+class VideoFlow(FlowMatchingModule):
+    """Class- or text-conditional video generator (pixel space): 3D patches, 3D RoPE, clips of mixed
+    lengths packed in one batch; samples written as MP4."""
+
+    media_suffix = ".mp4"
+
+    def __init__(
+        self,
+        tokenizer: VideoPatches = VideoPatches(),
+        conditioning: Condition = ClassLabel(),
+        fps: int = 8,
+        **kwargs: Any,
+    ):
+        """fps: frame rate of the written MP4 files; other arguments as FlowMatchingModule."""
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
+        self.fps = fps
+
+    def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+        return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))

@@ -28,3 +28,21 @@ def image_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("image-shards")
     write_synthetic("image", str(out), num=96, shard_size=32, seed=0, image_size=16, progress=False)
     return out
+
+
+@pytest.fixture(scope="session")
+def synthetic_shards(tmp_path_factory: pytest.TempPathFactory):
+    """Small synthetic shard sets by kind ("image", "video", "audio", ...), written once per session."""
+    from datamodules.synthetic import write_synthetic
+
+    made: dict[str, Path] = {}
+
+    def get(kind: str, num: int = 48) -> Path:
+        if kind not in made:
+            out = tmp_path_factory.mktemp(f"{kind}-shards")
+            write_synthetic(kind, str(out), num=num, shard_size=16, seed=0, image_size=16 if "image" in kind else None,
+                            progress=False)
+            made[kind] = out
+        return made[kind]
+
+    return get

@@ -64,18 +64,23 @@ def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path: Path, image_sh
     assert ckpt["global_step"] == 2
 
 
+CONFIG_DATA = {"image": "image", "video": "video", "audio": "audio", "audiovideo": "audiovideo"}
+"""config folder -> synthetic kind its data is (shape configs have their own tests in tests/test_shape.py)."""
+
+
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
-                                          if p.parent.name not in ("trainer", "slurm")))
-def test_every_config_runs_one_step(config: str, tmp_path: Path, image_shards: Path) -> None:
+                                          if p.parent.name in CONFIG_DATA))
+def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shards) -> None:
     """Every shipped YAML parses and trains a step (shrunk to CPU size, as torchgeo does)."""
+    modality = Path(config).parent.name
     args = ["fit", "--config", str(ROOT / config), "--runs_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.logger", "false", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.train_shards", str(synthetic_shards(CONFIG_DATA[modality]) / "*.tar"),
             "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
             "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1"]
-    if "image" in config:
-        args += ["--data.train_shards", str(image_shards / "*.tar"), "--model.init_args.tokenizer.size", "16",
-                 "--data.transform.init_args.size", "16"]
+    if modality in ("image", "video"):
+        args += ["--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16"]
     assert main(args) == 0
 
 
