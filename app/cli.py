@@ -16,12 +16,12 @@ from typing import Any
 
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
+import lightning
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from app.checkpoint_io import AtomicCheckpointIO
 from datamodules.shards import ShardDataModule
-from models.generators import FlowMatchingModule
 
 log = logging.getLogger("duoflow")
 
@@ -35,7 +35,7 @@ class UserError(Exception):
 class DuoflowCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
-            FlowMatchingModule,
+            lightning.LightningModule,  # any generator, or the shape autoencoder
             ShardDataModule,
             subclass_mode_model=True,
             save_config_kwargs={"overwrite": True, "config_filename": "config.yaml"},

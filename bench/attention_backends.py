@@ -33,8 +33,8 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[], contex
         return lambda: sdpa_kernel([b])
 
     return {
-        "xformers": ("xformers", null),
         "sdpa (auto)": ("sdpa", null),
+        "xformers": ("xformers", null),
         "sdpa flash": ("sdpa", only(SDPBackend.FLASH_ATTENTION)),
         "sdpa efficient": ("sdpa", only(SDPBackend.EFFICIENT_ATTENTION)),
         "sdpa cudnn": ("sdpa", only(SDPBackend.CUDNN_ATTENTION)),
@@ -66,7 +66,7 @@ def main() -> None:
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cands = candidates(device)
-    ref = next(iter(cands))  # ratios against the first candidate (xformers on CUDA, sdpa on CPU)
+    ref = "sdpa (auto)" if device.type == "cuda" else "sdpa"  # ratios against torch's default, always there
 
     shapes = [(f"dense B={args.batch} N={n}", args.batch, n, None) for n in args.tokens]
     if args.packed:
@@ -86,14 +86,21 @@ def main() -> None:
                 fns[name] = fn
             except Exception as e:  # a kernel that does not support this shape/dtype/GPU
                 skipped[name] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
+        with torch.no_grad():  # correctness: every contender against our float32 math reference
+            want = attention(q, k, v, seqlens=seqlens, backend="math").float()
+            errs = {}
+            for name, (backend, ctx) in cands.items():
+                if name in fns:
+                    with ctx():
+                        errs[name] = (attention(q, k, v, seqlens=seqlens, backend=backend).float() - want).abs().max().item()
         times = interleaved(fns, args.iters, args.warmup, device)
         for name in cands:
             if name in skipped:
-                rows.append([label, name, skipped[name], "", ""])
+                rows.append([label, name, skipped[name], "", "", ""])
                 continue
             r = median_ratio(times[name], times[ref]) if ref in times else float("nan")
-            rows.append([label, name, median(times[name]) * 1e3, r, len(times[name])])
-    body = table(["shape", "backend", "fwd+bwd ms (median)", f"ratio to {ref}", "rounds"], rows)
+            rows.append([label, name, median(times[name]) * 1e3, r, f"{errs[name]:.1e}", len(times[name])])
+    body = table(["shape", "backend", "fwd+bwd ms (median)", f"ratio to {ref}", "max abs err vs math", "rounds"], rows)
     config = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
                   layout="(B, N, H, D) through models.attention.attention")
     report("attention_backends", device, config, body)

@@ -139,6 +139,16 @@ def report(name: str, device: torch.device, config: dict[str, object], body: str
     return text
 
 
+def profile_top(step, k: int) -> str:
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        step()
+    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+    return prof.key_averages().table(sort_by=key, row_limit=k)
+
+
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
 
@@ -154,6 +164,7 @@ def parser(doc: str | None, dim: int | None = None, heads: int = 4, depth_dual: 
         ap.add_argument("--dim", type=int, default=dim)
         ap.add_argument("--depth-dual", type=int, default=depth_dual)
         ap.add_argument("--depth-single", type=int, default=depth_single)
+        ap.add_argument("--compile", action="store_true", help="MMDiTConfig.compile: torch.compile each block")
     return ap
 
 
@@ -163,5 +174,5 @@ def backbone_from_args(args: argparse.Namespace, device: torch.device, dtype: to
 
     torch.manual_seed(0)
     cfg = MMDiTConfig(dim=args.dim, heads=args.heads, depth_dual=args.depth_dual, depth_single=args.depth_single,
-                      streams=2, out_streams=1, rope_axes=2)
+                      streams=2, out_streams=1, rope_axes=2, compile=getattr(args, "compile", False))
     return MMDiT(cfg).to(device, dtype)

@@ -1,7 +1,7 @@
 """torch.compile per block under variable token counts, and activation checkpointing on/off.
 
-Our code has no compile switch yet, so this benchmark compiles each MMDiT block itself
-(model.dual[i] = torch.compile(block, ...)). Part 1 runs forward + backward at 3 image token
+Part 1 compiles each MMDiT block itself (model.dual[i] = torch.compile(block, ...)) with a
+graph-counting backend. Part 1 runs forward + backward at 3 image token
 counts and counts dynamo graph compilations (a counting backend wrapped around --backend) for
 dynamic=True vs the default (dynamic=None: static first, then automatic dynamic shapes), for a
 regular batch and for packed batches (3 different length mixes). Recompile counts are decided
@@ -11,7 +11,8 @@ Part 2: MMDiTConfig.checkpointing off/on, training step (forward + backward + Ad
 interleaved, and peak memory (CPU: torch.profiler memory events; CUDA: max_memory_allocated).
 
     python bench/compile_memory.py
-    python bench/compile_memory.py --device cuda --dtype bf16 --backend inductor --dim 1024 --heads 16 --depth 8 --batch 8 --tokens 1024
+    python bench/compile_memory.py --device cuda --dtype bf16 --backend inductor --dim 1024 --heads 16 --depth 8 --batch 8 --tokens 1024 --compile-step
+Part 3 (--compile-step) times MMDiTConfig.compile=True (the config switch) against eager.
 """
 
 from __future__ import annotations
@@ -97,6 +98,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--tokens", type=int, default=256, help="image tokens per sample for part 2")
     ap.add_argument("--iters", type=int, default=6)
+    ap.add_argument("--compile-step", action="store_true", help="part 3: MMDiTConfig.compile vs eager step time")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     cfg = MMDiTConfig(dim=args.dim, heads=args.heads, depth_dual=args.depth, depth_single=args.depth,
@@ -146,6 +148,27 @@ def main() -> None:
     body += (f"\n\nPart 2: activation checkpointing (dim {args.dim}, heads {args.heads}, depth {args.depth}+{args.depth}, "
              f"batch {args.batch} x {args.tokens} image + 32 context tokens, AdamW step)\n\n")
     body += table(["", "step ms (median)", "time ratio to off", "peak MiB above params", "memory ratio to off"], rows)
+    if args.compile_step:
+        # part 3: the config switch itself, MMDiTConfig.compile (inductor, dynamic shapes) vs eager
+        torch._dynamo.reset()
+        torch.manual_seed(0)
+        pair = {"eager": MMDiT(cfg).to(device, dtype),
+                "compile=True": MMDiT(dataclasses.replace(cfg, compile=True)).to(device, dtype)}
+        pair["compile=True"].load_state_dict(pair["eager"].state_dict())
+        runs = {}
+        for name, m in pair.items():
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
+
+            def step(m=m, opt=opt) -> None:
+                m(xs, t, y, pos)[0].float().square().mean().backward()
+                opt.step()
+                opt.zero_grad(set_to_none=True)
+
+            runs[name] = step
+        times = interleaved(runs, args.iters, 2, device)
+        rows = [[name, median(times[name]) * 1e3, median_ratio(times[name], times["eager"])] for name in runs]
+        body += "\n\nPart 3: MMDiTConfig.compile (per-block torch.compile, inductor, dynamic=True), same step\n\n"
+        body += table(["", "step ms (median)", "time ratio to eager"], rows)
     config = dict(backend=args.backend, dtype=args.dtype, dim=args.dim, heads=args.heads, depth=args.depth,
                   batch=args.batch, tokens=args.tokens, rounds=args.iters,
                   memory="torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events")

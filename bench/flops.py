@@ -3,8 +3,9 @@
 The analytic count covers the per-token matmuls (qkv, out proj, MLP, QK^T and AV); the counter
 also sees the per-sample modulation Linears and the timestep MLP, so it should come out a little
 higher. Training is taken as 3x the forward (the counter measures the backward too).
-FlopCounterMode has no formula for torch's CPU flash-attention kernel, so the counting passes run
-a copy of the model with attn_backend="math" (same weights; QK^T and AV as explicit matmuls).
+FlopCounterMode has no formula for torch's CPU flash-attention kernel (nor for xformers), so the
+counting passes run a copy of the model with attn_backend="math" on CPU and "sdpa" on CUDA (same
+weights).
 
     python bench/flops.py
     python bench/flops.py --device cuda --dtype bf16 --dim 1024 --heads 16 --depth-dual 12 --depth-single 12 \
@@ -19,7 +20,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, interleaved, median, report, table, parser, backbone_from_args
+from common import DTYPES, interleaved, median, profile_top, report, table, parser, backbone_from_args
 from models.backbone import MMDiT
 
 
@@ -30,6 +31,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--iters", type=int, default=6)
     ap.add_argument("--peak-tflops", type=float, default=0.0, help="device peak, for MFU (0: not reported)")
+    ap.add_argument("--profile", type=int, default=0, help="print the top-K ops of one step")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
 
@@ -40,7 +42,9 @@ def main() -> None:
     pos = torch.randint(0, 32, (b, n, 2), device=device).float()
     t, y = torch.rand(b, device=device), torch.randn(b, args.dim, device=device, dtype=dtype)
 
-    counting = MMDiT(dataclasses.replace(model.cfg, attn_backend="math")).to(device, dtype)
+    # CUDA: SDPA's flash / efficient kernels have FLOP formulas; CPU's flash kernel has none, so count with math
+    count_backend = "sdpa" if device.type == "cuda" else "math"
+    counting = MMDiT(dataclasses.replace(model.cfg, attn_backend=count_backend)).to(device, dtype)
     counting.load_state_dict(model.state_dict())
 
     def forward(m: MMDiT = model) -> torch.Tensor:
@@ -73,9 +77,12 @@ def main() -> None:
         body += f"; MFU = {achieved / 1e12 / args.peak_tflops:.3f} of {args.peak_tflops} TFLOP/s peak"
     elif device.type != "cuda":
         body += "; GPU MFU: no GPU in this session (run the CUDA command in the docstring there)"
+    if args.profile:
+        body += f"\n\nprofile of one step (top {args.profile} by self time):\n\n```\n{profile_top(step, args.profile)}```"
     config = dict(dim=args.dim, heads=args.heads, depth_dual=args.depth_dual, depth_single=args.depth_single,
-                  image_tokens=n, ctx_tokens=l, batch=b, dtype=args.dtype, params=model.num_params())
-    report("flops", device, config, body)
+                  image_tokens=n, ctx_tokens=l, batch=b, dtype=args.dtype, params=model.num_params(),
+                  compile=args.compile)
+    report("flops" + ("_compile" if args.compile else ""), device, config, body)
 
 
 if __name__ == "__main__":

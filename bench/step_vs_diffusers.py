@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench_path import REPO  # noqa: F401  (puts the repo root on sys.path)
-from common import DTYPES, interleaved, median, median_ratio, mib, peak_memory, report, table
+from common import DTYPES, interleaved, median, median_ratio, mib, peak_memory, profile_top, report, table
 from models.attention import resolve_backend
 from models.backbone import MMDiT, MMDiTConfig
 from models.tokenizers.image import ImagePatches
@@ -80,10 +80,10 @@ def build_peer(p: dict, stock_last: bool) -> nn.Module:
     return peer
 
 
-def build_ours(p: dict, checkpointing: bool = False) -> OursImage:
+def build_ours(p: dict, checkpointing: bool = False, compile: bool = False) -> OursImage:
     cfg = MMDiTConfig(
         dim=p["dim"], heads=p["heads"], depth_dual=p["depth"], depth_single=0,
-        streams=2, out_streams=1, rope_axes=2, qk_norm=True, checkpointing=checkpointing,
+        streams=2, out_streams=1, rope_axes=2, qk_norm=True, checkpointing=checkpointing, compile=compile,
     )
     return OursImage(cfg, ImagePatches(channels=p["channels"], size=p["size"], patch=p["patch"]), p["dim"], p["dim"])
 
@@ -104,16 +104,6 @@ def make_step(model: nn.Module, call, target: Tensor):
     return step
 
 
-def profile_top(step, k: int) -> str:
-    from torch.profiler import ProfilerActivity, profile
-
-    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
-    with profile(activities=acts) as prof:
-        step()
-    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
-    return prof.key_averages().table(sort_by=key, row_limit=k)
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", choices=PRESETS, default=None, help="config; default cpu on CPU, gpu on CUDA")
@@ -123,13 +113,18 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--peer-stock-last", action="store_true", help="keep SD3's context_pre_only last block")
     ap.add_argument("--profile", type=int, default=0, help="print the top-K ops of one step of each model")
+    ap.add_argument("--compile", action="store_true", help="ours with MMDiTConfig.compile=True (per-block torch.compile)")
+    ap.add_argument("--peer-compile", action="store_true", help="the peer's blocks torch.compile'd the same way")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     p = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
 
     torch.manual_seed(0)
-    ours = build_ours(p).to(device, dtype)
+    ours = build_ours(p, compile=args.compile).to(device, dtype)
     peer = build_peer(p, args.peer_stock_last).to(device, dtype)
+    if args.peer_compile:
+        for block in peer.transformer_blocks:
+            block.compile(dynamic=True)
     b = p["batch"]
     x = torch.randn(b, p["channels"], p["size"], p["size"], device=device, dtype=dtype)
     ctx = torch.randn(b, p["ctx"], p["dim"], device=device, dtype=dtype)
@@ -164,9 +159,12 @@ def main() -> None:
     config = dict(
         **p, tokens=tokens, dtype=args.dtype, optimizer="AdamW",
         ours_attention=resolve_backend(device, "auto"), peer_last_block="stock" if args.peer_stock_last else "full",
+        ours_compile=args.compile, peer_compile=args.peer_compile,
         memory="torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events",
     )
-    report("step_vs_diffusers" + ("_stock" if args.peer_stock_last else ""), device, config, body)
+    suffix = ("_stock" if args.peer_stock_last else "") + ("_compile" if args.compile else "") + (
+        "_peercompile" if args.peer_compile else "")
+    report("step_vs_diffusers" + suffix, device, config, body)
 
 
 if __name__ == "__main__":

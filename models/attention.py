@@ -3,8 +3,9 @@
 Backends:
   xformers  memory_efficient_attention; packed batches use a BlockDiagonalMask. CUDA only
             (xformers 0.0.35 ships no CPU kernel). Imported lazily here and nowhere else.
-  sdpa      torch scaled_dot_product_attention; packed batches loop over the segments, so
-            the cost stays sum(n_i^2) instead of the N^2 a dense block-diagonal mask would cost.
+  sdpa      torch scaled_dot_product_attention; packed batches go to torch's varlen flash
+            kernel on CUDA in half precision (one call), else loop over the segments; either
+            way the cost is sum(n_i^2), not the N^2 a dense block-diagonal mask would cost.
   math      naive softmax in (at least) float32 with a dense mask: the reference for tests.
   auto      xformers when it imports and the tensors are on CUDA, else sdpa.
 
@@ -45,12 +46,27 @@ def _load_xformers() -> tuple[ModuleType | None, str]:
 
 
 def _xformers_reason(device: torch.device) -> str:
-    """Why xformers cannot run on `device`, or "" if it can (as far as import and device tell)."""
+    """Why xformers cannot run on `device`, or "" if it can (import, device type and a probe call)."""
     xops, reason = _load_xformers()
     if xops is None:
         return f"import failed ({reason})"
     if device.type != "cuda":
         return f"no {device.type} kernel in xformers (needs CUDA tensors)"
+    return _probe_xformers(str(device))
+
+
+@functools.lru_cache(maxsize=None)
+def _probe_xformers(device: str) -> str:
+    """One tiny call on `device`: an xformers wheel built for another torch/CUDA imports fine but has no
+    kernels (NotImplementedError at the first call), and auto must then fall back to SDPA."""
+    xops, _ = _load_xformers()
+    try:
+        q = torch.zeros(1, 8, 1, 16, device=device, dtype=torch.float16)
+        xops.memory_efficient_attention(q, q, q)
+    except Exception as e:
+        reason = f"kernels unusable on {device} ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        log.warning("xformers %s; attention 'auto' uses SDPA", reason)
+        return reason
     return ""
 
 
@@ -91,9 +107,34 @@ def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rearrange(out, "b h n d -> b n h d")
 
 
+def _varlen_ok(q: Tensor) -> bool:
+    """torch's varlen flash kernel: CUDA, half precision, head dim <= 256."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and _varlen_attn() is not None
+
+
+@functools.lru_cache(maxsize=None)
+def _varlen_attn() -> Callable | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn
+
+
+def _sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int]) -> Tensor:
+    """A packed batch in one flash-attention call (cumulative offsets), like xformers' BlockDiagonalMask."""
+    lens = torch.tensor(list(seqlens), dtype=torch.int32)
+    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device, non_blocking=True)  # (S+1,)
+    longest = int(lens.max())
+    out = _varlen_attn()(q[0], k[0], v[0], cu, cu, longest, longest)  # (N, H, D)
+    return out[None]
+
+
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
     if seqlens is None:
         return _sdpa_dense(q, k, v)
+    if _varlen_ok(q):
+        return _sdpa_varlen(q, k, v, seqlens)
     # one call per segment: sum(n_i^2) work, no N x N mask
     segs = [
         _sdpa_dense(qs, ks, vs) if n > 0 else qs
@@ -125,15 +166,24 @@ _KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Sequence[int] | None], Ten
 def attention(
     q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None = None, backend: str = "auto"
 ) -> Tensor:
-    """Softmax attention, (B, N, H, D) in and out, scale 1/sqrt(D).
+    """Softmax attention, q (B, N, H, D) and k, v (B, M, H, D) in, (B, N, H, D) out, scale 1/sqrt(D).
+
+    M may differ from N (cross-attention, e.g. the shape encoder's latent queries over points).
 
     seqlens: a packed variable-length batch (B == 1, sum(seqlens) == N); a token of sample i
     attends only to sample i (block-diagonal).
     """
-    if q.ndim != 4 or k.shape != q.shape or v.shape[:3] != q.shape[:3]:
-        raise ValueError(f"attention expects q, k, v as (B, N, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}")
+    if (q.ndim != 4 or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]
+            or v.shape[:3] != k.shape[:3]):
+        raise ValueError(
+            f"attention expects q (B, N, H, D) and k, v (B, M, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
+            f"{tuple(v.shape)}"
+        )
     if seqlens is not None:
         seqlens = list(seqlens)
+        if k.shape != q.shape:
+            raise ValueError(f"attention: packed seqlens need self-attention (k like q), got q {tuple(q.shape)}, "
+                             f"k {tuple(k.shape)}")
         if q.shape[0] != 1 or sum(seqlens) != q.shape[1]:
             raise ValueError(
                 f"attention: packed seqlens need B == 1 and sum(seqlens) == N, got B={q.shape[0]}, "

@@ -50,6 +50,8 @@ class MMDiTConfig:
     """Attention backend: auto, xformers, sdpa or math."""
     checkpointing: bool = False
     """Activation checkpointing per block (recompute in backward), only while training."""
+    compile: bool = False
+    """torch.compile each block (dynamic shapes, so new packed lengths or image sizes don't recompile)."""
 
     def __post_init__(self) -> None:
         def bad(name: str, expected: str) -> ValueError:
@@ -116,6 +118,9 @@ class MMDiT(nn.Module):
         )
         self.single = nn.ModuleList(SingleStreamBlock(cfg.dim, cfg.heads, **kw) for _ in range(cfg.depth_single))
         self.final = nn.ModuleList(FinalNorm(cfg.dim) for _ in range(cfg.out_streams))
+        if cfg.compile:
+            for block in [*self.dual, *self.single]:
+                block.compile(dynamic=True)  # in place: state-dict keys stay the same
 
     def forward(
         self,

@@ -8,7 +8,6 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-import av
 import numpy as np
 import torch
 from PIL import Image
@@ -92,6 +91,8 @@ def write_mp4(
             raise ValueError(f"write_mp4: sample_rate: expected one of {AAC_SAMPLE_RATES} with audio, got {sample_rate}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    import av  # lazily: PyAV (bundled ffmpeg) only when a clip is written
+
     with av.open(str(path), mode="w", format="mp4") as container:
         video = container.add_stream("libx264", rate=fps)
         video.width, video.height, video.pix_fmt = frames.shape[2], frames.shape[1], "yuv420p"
@@ -114,6 +115,8 @@ def write_mp4(
 
 def read_mp4(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, float, int | None]:
     """MP4 -> (frames uint8 (T, H, W, 3), audio float32 (S, K) or None, fps, sample_rate or None)."""
+    import av
+
     with av.open(str(path)) as container:
         video = container.streams.video[0]
         sound = container.streams.audio[0] if container.streams.audio else None

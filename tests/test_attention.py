@@ -99,12 +99,32 @@ def test_math_matches_closed_form() -> None:
 def test_xformers_matches_sdpa(packed: bool) -> None:
     if not torch.cuda.is_available():
         pytest.skip("xformers kernel needs CUDA")
+    reason = attn_mod._xformers_reason(torch.device("cuda"))
+    if reason:  # e.g. the pinned wheel under another torch build: auto falls back (tested below)
+        pytest.skip(f"xformers: {reason}")
     seqlens = [5, 11, 3] if packed else None
     q, k, v = _qkv(19, dtype=torch.float16, device="cuda")
     out = attention(q, k, v, seqlens=seqlens, backend="xformers")
     ref = attention(q, k, v, seqlens=seqlens, backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     assert resolve_backend(q.device, "auto") == "xformers"
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_packed_sdpa_varlen_matches_math_with_grads(dtype: torch.dtype) -> None:
+    """CUDA half precision: packed SDPA runs torch's varlen flash kernel; outputs and grads = math's."""
+    if not torch.cuda.is_available():
+        pytest.skip("varlen flash kernel needs CUDA")
+    seqlens = [5, 64, 0, 3, 200]
+    assert attn_mod._varlen_ok(torch.zeros(1, 1, H, 64, device="cuda", dtype=dtype))
+    grads = {}
+    for backend in ("sdpa", "math"):
+        q, k, v = (t.requires_grad_() for t in _qkv(sum(seqlens), dtype=dtype, device="cuda", seed=3))
+        out = attention(q, k, v, seqlens=seqlens, backend=backend)
+        out.float().square().sum().backward()
+        grads[backend] = [out.float(), *(t.grad.float() for t in (q, k, v))]
+    for got, want in zip(grads["sdpa"], grads["math"]):
+        torch.testing.assert_close(got, want, rtol=3e-2, atol=3e-2)
 
 
 # ---------------------------------------------------------------- backend choice, errors, report
@@ -139,7 +159,7 @@ def test_bad_seqlens_rejected() -> None:
 def test_backend_report_runs_kernels() -> None:
     report = backend_report()
     assert report["sdpa"].startswith("ok") and report["math"].startswith("ok")
-    if torch.cuda.is_available():
+    if torch.cuda.is_available() and not attn_mod._xformers_reason(torch.device("cuda")):
         assert report["xformers"] == "ok (cuda)"
     else:
         assert report["xformers"].startswith("unavailable: ") and len(report["xformers"]) > len("unavailable: ")
@@ -228,3 +248,17 @@ def test_layout_rejects_inconsistent_lengths() -> None:
     layout = Layout.packed([[2, 2]])
     with pytest.raises(ValueError, match="stream 0"):
         layout.join([torch.zeros(1, 5, 2)])
+
+
+def test_xformers_without_kernels_falls_back(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A wheel built for another torch imports but raises at the first call: auto must not pick it."""
+    import models.attention as A
+
+    class NoKernels:
+        @staticmethod
+        def memory_efficient_attention(q, k, v, attn_bias=None):
+            raise NotImplementedError("No operator found for `memory_efficient_attention_forward`")
+
+    monkeypatch.setattr(A, "_load_xformers", lambda: (NoKernels, ""))
+    reason = A._probe_xformers.__wrapped__("cpu")
+    assert "kernels unusable" in reason and "NotImplementedError" in reason
