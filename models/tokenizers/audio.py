@@ -1,0 +1,58 @@
+"""1-D patch tokenizer for audio latents (log-mel frames).
+
+Letters: B batch, C channels (mel bins), F frames, p frames per token, N = F/p tokens.
+Any F that is a multiple of p works, so clips of different lengths tokenize one by one (B=1)
+for packed variable-length batches; ``frames`` is only the default length to sample at.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from einops import rearrange
+from torch import Tensor
+
+from models.tokenizers.base import Tokenizer
+
+
+@dataclass(frozen=True)
+class AudioFrames(Tokenizer):
+    channels: int = 40
+    """Channels of the latent (mel bins of the codec)."""
+    frames: int = 64
+    """Latent frames that samples are generated at by default."""
+    patch: int = 2
+    """Frames per token; each token holds channels * patch values."""
+
+    def __post_init__(self) -> None:
+        if self.frames % self.patch:
+            raise ValueError(f"AudioFrames: frames={self.frames} must be a multiple of patch={self.patch}")
+
+    @property
+    def token_dim(self) -> int:
+        return self.channels * self.patch
+
+    rope_axes: ClassVar[int] = 1
+
+    def latent_shape(self) -> tuple[int, ...]:
+        return (self.channels, self.frames)
+
+    def num_tokens(self, frames: int | None = None) -> int:
+        return (frames or self.frames) // self.patch
+
+    def positions(self, frames: int, device: torch.device | None = None) -> Tensor:
+        """(N, 1) token index along time."""
+        return torch.arange(frames // self.patch, device=device, dtype=torch.float32)[:, None]
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        b, _, f = x.shape
+        if f % self.patch:
+            raise ValueError(f"AudioFrames: {f} frames is not a multiple of patch={self.patch}")
+        tokens = rearrange(x, "b c (n p) -> b n (c p)", p=self.patch)
+        pos = self.positions(f, x.device).expand(b, -1, -1)  # (B, N, 1)
+        return tokens, pos
+
+    def untokenize(self, tokens: Tensor, shape: tuple[int, ...]) -> Tensor:
+        return rearrange(tokens, "b n (c p) -> b c (n p)", n=shape[-1] // self.patch, p=self.patch)
