@@ -1,0 +1,176 @@
+"""Shape autoencoder: point cloud -> a small set of latent vectors -> occupancy field (3DShape2VecSet).
+
+Encoder: K learned query vectors cross-attend to the Fourier-embedded surface points, a few
+self-attention blocks follow, and a linear head gives a diagonal Gaussian per latent (KL
+bottleneck, as 3DShape2VecSet and CLAY; ``kl_weight = 0`` makes it a plain deterministic
+bottleneck). Decoder: the latents go back to width C through self-attention blocks; each query
+point, Fourier-embedded, cross-attends to them and a linear head gives its occupancy logit.
+
+Latent space: ``encode`` returns the posterior mean divided by ``latent_scale`` (the RMS of the
+posterior means over the training data, tracked while the autoencoder trains), so the flow sees
+latents of about unit variance; ``occupancy`` and ``decode`` take latents in that same scaled space.
+
+Legend: B batch, N surface points, M query points, K latents, d latent dim, C width,
+H heads, D head dim (C = H * D), R grid side.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from einops import rearrange
+from torch import Tensor, nn
+
+from models.attention import RMSNorm, attention
+from models.blocks import Mlp
+
+
+@dataclass
+class ShapeAEConfig:
+    latents: int = 64
+    """K: latent vectors per shape."""
+    latent_dim: int = 8
+    """d: channels of each latent vector (the flow generates K x d numbers)."""
+    width: int = 128
+    """C: transformer width."""
+    heads: int = 4
+    enc_self_layers: int = 1
+    """Self-attention blocks on the latents after the encoder's cross-attention."""
+    dec_layers: int = 2
+    """Self-attention blocks on the latents before the query points read them."""
+    fourier_bands: int = 8
+    """Octaves of sin/cos features of the coordinates, frequencies pi * 2^0 .. pi * 2^(bands-1)."""
+    mlp_ratio: float = 4.0
+    kl_weight: float = 1e-3
+    """Weight of the KL term (mean per latent element); 0 = deterministic bottleneck (no noise, no KL)."""
+    chunk: int = 32768
+    """Query points decoded at a time by ``decode`` (bounds memory on large grids)."""
+
+    def __post_init__(self) -> None:
+        if self.width % self.heads:
+            raise ValueError(f"ShapeAEConfig: width={self.width} must be divisible by heads={self.heads}")
+        if min(self.latents, self.latent_dim, self.fourier_bands, self.chunk) <= 0 or self.kl_weight < 0:
+            raise ValueError("ShapeAEConfig: latents, latent_dim, fourier_bands and chunk must be positive, kl_weight >= 0")
+
+
+class FourierEmbed(nn.Module):
+    """xyz (..., 3) in [-1, 1] -> (..., C): [xyz, sin(2^k pi xyz), cos(2^k pi xyz)] then a Linear."""
+
+    def __init__(self, bands: int, width: int) -> None:
+        super().__init__()
+        self.register_buffer("freqs", torch.pi * 2.0 ** torch.arange(bands), persistent=False)
+        self.proj = nn.Linear(3 * (1 + 2 * bands), width)
+
+    def forward(self, xyz: Tensor) -> Tensor:
+        angles = rearrange(xyz[..., None] * self.freqs, "... c f -> ... (c f)")  # (..., 3 bands)
+        return self.proj(torch.cat([xyz, angles.sin(), angles.cos()], dim=-1))
+
+
+class Attention(nn.Module):
+    """Multi-head attention of x over ctx (ctx = x: self-attention) with QK RMSNorm."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(width, 2 * width)
+        self.q_norm, self.k_norm = RMSNorm(width // heads), RMSNorm(width // heads)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
+        q = self.q_norm(rearrange(self.q(x), "b m (h e) -> b m h e", h=self.heads))  # (B, M, H, D)
+        k, v = rearrange(self.kv(ctx), "b n (two h e) -> two b n h e", two=2, h=self.heads)  # (B, N, H, D)
+        out = attention(q, self.k_norm(k), v)  # (B, M, H, D)
+        return self.proj(rearrange(out, "b m h e -> b m (h e)"))
+
+
+class Block(nn.Module):
+    """Pre-norm transformer block: x + attn(norm x, norm ctx), then x + mlp(norm x); self-attention without ctx."""
+
+    def __init__(self, width: int, heads: int, mlp_ratio: float, cross: bool = False) -> None:
+        super().__init__()
+        self.norm_x = nn.LayerNorm(width)
+        self.norm_ctx = nn.LayerNorm(width) if cross else None
+        self.attn = Attention(width, heads)
+        self.norm_mlp = nn.LayerNorm(width)
+        self.mlp = Mlp(width, int(width * mlp_ratio))
+
+    def forward(self, x: Tensor, ctx: Tensor | None = None) -> Tensor:
+        h = self.norm_x(x)
+        x = x + self.attn(h, h if self.norm_ctx is None else self.norm_ctx(ctx))
+        return x + self.mlp(self.norm_mlp(x))
+
+
+class ShapeCodec(nn.Module):
+    """Point cloud (B, N, 3) <-> latent set (B, K, d) -> occupancy logits at any query points."""
+
+    def __init__(self, cfg: ShapeAEConfig = ShapeAEConfig()) -> None:
+        super().__init__()
+        self.cfg = cfg
+        c = cfg.width
+        self.point_embed = FourierEmbed(cfg.fourier_bands, c)
+        self.queries = nn.Parameter(torch.randn(cfg.latents, c) * 0.02)  # (K, C) learned latent queries
+        self.encoder_cross = Block(c, cfg.heads, cfg.mlp_ratio, cross=True)
+        self.encoder_self = nn.ModuleList(Block(c, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.enc_self_layers))
+        self.to_moments = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 2 * cfg.latent_dim))
+        self.from_latent = nn.Linear(cfg.latent_dim, c)
+        self.decoder_self = nn.ModuleList(Block(c, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.dec_layers))
+        self.query_embed = FourierEmbed(cfg.fourier_bands, c)
+        self.decoder_cross = Block(c, cfg.heads, cfg.mlp_ratio, cross=True)
+        self.to_logit = nn.Sequential(nn.LayerNorm(c), nn.Linear(c, 1))
+        self.register_buffer("latent_scale", torch.ones(()))  # RMS of the posterior means (module docstring)
+        self.register_buffer("scale_updates", torch.zeros((), dtype=torch.long))
+
+    # ---- encoder ---------------------------------------------------------------------
+
+    def posterior(self, points: Tensor) -> tuple[Tensor, Tensor]:
+        """Surface points (B, N, 3) -> unscaled posterior (mean, logvar), each (B, K, d)."""
+        x = self.queries.expand(points.shape[0], -1, -1)  # (B, K, C)
+        x = self.encoder_cross(x, self.point_embed(points))
+        for block in self.encoder_self:
+            x = block(x)
+        mean, logvar = self.to_moments(x).chunk(2, dim=-1)
+        return mean, logvar.clamp(-30.0, 20.0)
+
+    def encode(self, points: Tensor) -> Tensor:
+        """Surface points (B, N, 3) -> scaled latents (B, K, d): the posterior mean over latent_scale."""
+        return self.posterior(points)[0] / self.latent_scale
+
+    @torch.no_grad()
+    def update_latent_scale(self, mean: Tensor, momentum: float = 0.01) -> None:
+        """Track the RMS of unscaled posterior means: a running mean at first, then an EMA with ``momentum``."""
+        rms = mean.detach().float().pow(2).mean().sqrt()
+        rate = max(momentum, 1.0 / float(self.scale_updates + 1))
+        self.latent_scale.lerp_(rms.to(self.latent_scale), rate)
+        self.scale_updates += 1
+
+    # ---- decoder ---------------------------------------------------------------------
+
+    def latent_tokens(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, K, d) -> decoder tokens (B, K, C), computed once per shape."""
+        x = self.from_latent(latents * self.latent_scale)
+        for block in self.decoder_self:
+            x = block(x)
+        return x
+
+    def query(self, tokens: Tensor, queries: Tensor) -> Tensor:
+        """Decoder tokens (B, K, C) and query points (B, M, 3) -> occupancy logits (B, M)."""
+        h = self.decoder_cross(self.query_embed(queries), tokens)  # (B, M, C)
+        return self.to_logit(h)[..., 0]
+
+    def occupancy(self, latents: Tensor, queries: Tensor) -> Tensor:
+        """Scaled latents (B, K, d) and query points (B, M, 3) in [-1, 1] -> occupancy logits (B, M)."""
+        return self.query(self.latent_tokens(latents), queries)
+
+    @torch.no_grad()
+    def decode(self, latents: Tensor, resolution: int = 32) -> Tensor:
+        """Scaled latents (B, K, d) -> occupancy probabilities (B, R, R, R) on the grid of models/media_shape.py."""
+        tokens = self.latent_tokens(latents)
+        axis = torch.as_tensor(np.linspace(-1.0, 1.0, resolution), dtype=tokens.dtype, device=tokens.device)
+        grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # (R^3, 3)
+        grid = grid.expand(latents.shape[0], -1, -1)
+        logits = torch.cat([self.query(tokens, grid[:, s : s + self.cfg.chunk])
+                            for s in range(0, grid.shape[1], self.cfg.chunk)], dim=1)  # (B, R^3)
+        return logits.sigmoid().reshape(-1, resolution, resolution, resolution)

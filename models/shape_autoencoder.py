@@ -1,0 +1,127 @@
+"""Training the shape autoencoder (models/codecs/shape.py), the first stage of ShapeFlow.
+
+Batches come from ``datamodules.shapes.ShapeTransform``: surface ``points`` (B, N, 3), occupancy
+``queries`` (B, M, 3) and labels ``occ`` (B, M). The loss is binary cross-entropy of the
+predicted occupancy plus ``kl_weight`` times the KL of the latent posterior to N(0, 1).
+IoU is measured on the query points (half uniform in the cube, half near the surface, so it is
+stricter than a volumetric IoU). Optimisation is manual, like FlowMatchingModule's: a step whose
+loss or gradients are non-finite on any rank is skipped (NonFiniteGuard and EMA read
+``nonfinite_streak`` / ``last_step_applied``), and the global RNGs travel in checkpoints.
+
+Legend: B batch, N surface points, M query points, K latents, d latent dim.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from models.codecs.shape import ShapeAEConfig, ShapeCodec
+from models.generators import OptimConfig
+from models.training import adamw_with_warmup, all_finite, rng_state, set_rng_state
+
+log = logging.getLogger("duoflow.train")
+
+
+def occupancy_iou(logits: Tensor, occ: Tensor) -> Tensor:
+    """Per-shape IoU (B,) of predicted (logit > 0) and true occupancy (B, M); 1 when both are empty."""
+    pred, true = logits > 0, occ > 0.5
+    inter = (pred & true).sum(dim=1).float()
+    union = (pred | true).sum(dim=1).float()
+    return torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(union))
+
+
+def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(mean, exp(logvar)) || N(0, 1)), averaged over every latent element."""
+    return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
+
+
+class ShapeAutoencoder(L.LightningModule):
+    """Point cloud -> latent set -> occupancy, trained with BCE (+ KL); ``codec`` is what ShapeFlow uses."""
+
+    def __init__(self, codec: ShapeAEConfig = ShapeAEConfig(), optim: OptimConfig = OptimConfig(lr=1e-3)):
+        """
+        Args:
+            codec: Sizes of the autoencoder (latents K, latent_dim d, width, layers, KL weight).
+            optim: AdamW, warm-up and gradient clipping (the same options as the generators').
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.automatic_optimization = False  # we decide per step whether to apply it (non-finite guard)
+        self.optim = optim
+        self.kl_weight = codec.kl_weight
+        self.codec = ShapeCodec(codec)
+        self.last_step_applied = False
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+
+    def losses(self, batch: dict[str, Any], sample: bool) -> dict[str, Tensor]:
+        """bce, kl, loss and per-shape iou (B,) of a batch; ``sample`` draws z from the posterior (training)."""
+        mean, logvar = self.codec.posterior(batch["points"])  # (B, K, d) each, unscaled
+        z = mean
+        if sample and self.kl_weight > 0:
+            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        logits = self.codec.occupancy(z / self.codec.latent_scale, batch["queries"])  # (B, M)
+        bce = F.binary_cross_entropy_with_logits(logits.float(), batch["occ"].float())
+        kl = kl_to_standard_normal(mean.float(), logvar.float()) if self.kl_weight > 0 else bce.new_zeros(())
+        return {"loss": bce + self.kl_weight * kl, "bce": bce, "kl": kl,
+                "iou": occupancy_iou(logits.detach(), batch["occ"]), "mean": mean.detach()}
+
+    def configure_optimizers(self) -> Any:
+        return adamw_with_warmup(self.parameters(), self.optim)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        opt, sched = self.optimizers(), self.lr_schedulers()
+        out = self.losses(batch, sample=True)
+        loss, b = out["loss"], len(batch["points"])
+        self.manual_backward(loss)
+        self.last_step_applied = all_finite(loss, self.parameters())
+        if self.last_step_applied:
+            if self.optim.grad_clip > 0:
+                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
+            opt.step()
+            sched.step()
+            self.codec.update_latent_scale(out["mean"])
+            self.nonfinite_streak = 0
+            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
+            self.log("train/iou", out["iou"].mean(), prog_bar=True, batch_size=b)
+            self.log_dict({"train/bce": out["bce"].detach(), "train/kl": out["kl"].detach(),
+                           "train/latent_scale": self.codec.latent_scale}, batch_size=b)
+        else:
+            self.nonfinite_streak += 1
+            self.nonfinite_total += 1
+            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
+                        self.global_step, self.nonfinite_streak)
+        opt.zero_grad(set_to_none=True)
+        self.log("train/skipped_steps", float(self.nonfinite_total), batch_size=b)
+        self.log("train/lr", sched.get_last_lr()[0], batch_size=b)
+        return loss.detach()
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
+        out = self.losses(batch, sample=False)
+        b = len(batch["points"])
+        self.log("val/loss", out["bce"], prog_bar=True, batch_size=b, sync_dist=True)
+        self.log("val/iou", out["iou"].mean(), prog_bar=True, batch_size=b, sync_dist=True)
+        return out["bce"]
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
+        checkpoint["duoflow_rng"] = rng_state()  # posterior noise comes from the global torch RNG
+        if getattr(self, "duoflow_config", None):
+            checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
+        if checkpoint.get("duoflow_rng") and self._trainer is not None:  # resuming a fit, not loading weights
+            set_rng_state(checkpoint["duoflow_rng"])
+
+
+def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:
+    """The trained codec (weights and latent_scale) of a ShapeAutoencoder checkpoint, frozen, in eval mode."""
+    model = ShapeAutoencoder.load_from_checkpoint(ckpt, map_location=map_location, weights_only=False)
+    return model.codec.eval().requires_grad_(False)

@@ -1,0 +1,67 @@
+"""Training-step pieces every duoflow LightningModule needs, as plain functions (no Lightning here).
+
+- ``adamw_with_warmup``: AdamW with linear LR warm-up from an ``OptimConfig``, as Lightning's
+  ``configure_optimizers`` returns it.
+- ``all_finite``: the collective non-finite check behind the skip-the-step guard.
+- ``rng_state`` / ``set_rng_state``: the global RNG streams, stored in checkpoints so a resumed
+  run draws the same noise as an uninterrupted one.
+
+``FlowMatchingModule`` holds the same logic as methods; both can share these functions.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+if TYPE_CHECKING:
+    from models.generators import OptimConfig
+
+
+def adamw_with_warmup(parameters: Iterable[nn.Parameter], optim: OptimConfig) -> dict[str, Any]:
+    """AdamW plus a per-step LambdaLR: linear warm-up over ``optim.warmup_steps``, then constant."""
+    opt = torch.optim.AdamW(parameters, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+    warm = max(optim.warmup_steps, 0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
+    return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+def all_finite(loss: Tensor, parameters: Iterable[nn.Parameter]) -> bool:
+    """True when the loss and every gradient are finite on EVERY rank (a rank skipping alone would
+    desynchronise DDP, so this is a collective decision)."""
+    ok = torch.isfinite(loss.detach()).all()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if grads:
+        ok = ok & torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()
+    ok = ok.float().reshape(1)
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item() > 0)
+
+
+def rng_state() -> dict[str, Any]:
+    """torch, numpy, python and CUDA RNG states; numpy's key array as a tensor (loads with weights_only)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)),
+        "python": random.getstate(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
+    }
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restore what ``rng_state`` saved (CUDA only when the device count matches)."""
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    random.setstate(state["python"])
+    cuda = state.get("cuda")
+    if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
