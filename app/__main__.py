@@ -20,13 +20,15 @@ tools:
   sample     generate media from a checkpoint:  duoflow sample --ckpt runs/NAME/checkpoints/last.ckpt --num 16 --out samples/
   export     weights to safetensors (EMA):      duoflow export --ckpt runs/NAME/checkpoints/last.ckpt --out model.safetensors [--no-ema]
   shards     write WebDataset shards:           duoflow shards images SRC OUT | duoflow shards synthetic image OUT --num N
+  datasets   export a bundled real data set:    duoflow datasets digits data/digits-png --size 16
+  evaluate   sample-quality metrics (FID, ...): duoflow evaluate --ckpt CKPT --data HELD_OUT_SHARDS [--num 500] [--json OUT]
   slurm      submit a training job to Slurm:    duoflow slurm submit --config CFG --nodes 1 --gpus-per-node 8 [--dry-run]
   doctor     versions, attention backends that really run, GPU, W&B mode
 
 Run `duoflow <command> --help` for the options of a command.
 """
 
-TOOLS = ("sample", "export", "shards", "doctor", "slurm")
+TOOLS = ("sample", "export", "shards", "datasets", "evaluate", "doctor", "slurm")
 
 
 def quiet_known_noise() -> None:

@@ -1,0 +1,389 @@
+"""`duoflow evaluate`: sample-quality metrics of a generator against held-out real data.
+
+    duoflow evaluate --ckpt runs/image-digits/checkpoints/last.ckpt --data data/digits/test --num 500
+
+Generates N samples, class-balanced over the conditioning classes, reads N real samples of the
+held-out shards (--data), and compares them with the modality's `Evaluator`, chosen from the
+generator's class (EVALUATORS). Everything the metrics need beyond the two sample sets is built
+from the TRAINING shards (the checkpoint's `data.train_shards`, or --reference): for images a
+feature network trained on them (models/feature_net.py). Scales: --untrained scores the same
+architecture with fresh weights (the worst case: noise), --real-reference scores N training
+images against the held-out ones (about the best a generator of the data distribution can get).
+
+A new modality plugs in with an Evaluator subclass and one EVALUATORS entry. Two levels:
+- embedding metrics: subclass `FeatureEvaluator`, implement `transform()` (how real samples are
+  read) and `embed(media) -> (features (N, D), logits (N, K) or None)`; Fréchet distance
+  (named by `fd_name`: "fid", "fvd", "fad", ...), precision/recall and CAS come for free;
+- anything else: subclass `Evaluator`, implement `transform()`, `reference(real)` (what is
+  computed once per real set) and `scores(generated, labels, reference) -> {metric: float}`.
+The in-loop callback (callbacks/evaluation.py) runs the same code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import yaml
+from torch import Tensor
+from tqdm import tqdm
+
+from app.cli import UserError
+from datamodules.shards import ShardDataModule, expand_shards
+from datamodules.writers import CLASSES_NAME
+from datamodules.transforms import ImageTransform, SampleTransform
+from models.metrics import accuracy, frechet_from_features, knn_precision_recall
+
+log = logging.getLogger("duoflow.eval")
+
+
+# ---------------------------------------------------------------- evaluator interface
+
+
+class Evaluator:
+    """The metrics of one modality: compares generated media with held-out real samples.
+
+    Built once per (generator, training split); `reference` runs once per real set, `scores`
+    once per generated set. Subclasses must not train on or peek at the held-out samples."""
+
+    descriptions: ClassVar[dict[str, str]] = {}
+    """metric -> one-line meaning, printed beside the table."""
+
+    def __init__(self, model: Any, train_shards: str | list[str], device: str | torch.device = "cpu",
+                 seed: int = 0, progress: bool = True, feature_steps: int = 300, feature_net: str | None = None):
+        """
+        Args:
+            model: The generator (its tokenizer/conditioning say what it makes).
+            train_shards: The real training split, for anything the metrics must learn (never held-out data).
+            device: Where metric networks run.
+            seed: Seed of anything trained or drawn for the metrics.
+            progress: Show progress bars.
+            feature_steps: Training steps of a network the evaluator trains on the training split.
+            feature_net: File of that network (default: next to the training shards); unused by others.
+        """
+        self.model, self.train_shards = model, train_shards
+        self.device, self.seed, self.progress = torch.device(device), seed, progress
+        self.feature_steps, self.feature_net = feature_steps, feature_net
+
+    def transform(self) -> SampleTransform:
+        """How real samples are read from shards, matching the generator's output media."""
+        raise NotImplementedError
+
+    def as_generated(self, real: dict[str, Any]) -> Any:
+        """Real samples in the form `generate` returns (for the real reference and the perfect-generator check)."""
+        return real["x"]
+
+    def reference(self, real: dict[str, Any]) -> Any:
+        """What the scores need from the real held-out set, computed once (default: the samples)."""
+        return real
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: Any) -> dict[str, float]:
+        """Metrics of generated media (labels: the class each was conditioned on, or None)."""
+        raise NotImplementedError
+
+    def info(self) -> dict[str, Any]:
+        """What the metrics depend on besides the samples (recorded in the JSON)."""
+        return {}
+
+
+class FeatureEvaluator(Evaluator):
+    """Metrics in the embedding of a fixed network: Fréchet distance, k-NN precision/recall, and,
+    when the network classifies, CAS (accuracy on generated samples labelled by their condition)
+    beside the same network's accuracy on the real held-out samples (the ceiling of CAS)."""
+
+    fd_name: ClassVar[str] = "fd"
+    k: ClassVar[int] = 3
+    """Neighbours for the precision/recall manifolds (Kynkäänniemi et al. use 3)."""
+
+    def embed(self, media: Any) -> tuple[Tensor, Tensor | None]:
+        """(features (N, D), class logits (N, K) or None) of real or generated media."""
+        raise NotImplementedError
+
+    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
+        features, logits = self.embed(self.as_generated(real))
+        return {"features": features, "logits": logits, "labels": known_labels(real)}
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        features, logits = self.embed(generated)
+        out = {self.fd_name: frechet_from_features(reference["features"], features),
+               **knn_precision_recall(reference["features"], features, k=self.k)}
+        if logits is not None and labels is not None:
+            out["cas"] = accuracy(logits, labels)
+        if reference["logits"] is not None and reference["labels"] is not None:
+            out["real_acc"] = accuracy(reference["logits"], reference["labels"])
+        return out
+
+
+class ImageEvaluator(FeatureEvaluator):
+    """Images: FID, precision, recall and CAS with a FeatureNet trained on the training shards.
+
+    `fid` is a Fréchet distance in OUR feature net's space, not Inception's: compare it only
+    between evaluations that share the same feature-net.pt, never with published FIDs."""
+
+    fd_name = "fid"
+    descriptions = {
+        "fid": "Fréchet distance of feature-net embeddings (lower is better; 0 = same statistics)",
+        "precision": "fraction of generated samples on the real manifold (realism)",
+        "recall": "fraction of real samples on the generated manifold (coverage)",
+        "cas": "feature-net accuracy on generated samples labelled by their class (CAS)",
+        "real_acc": "feature-net accuracy on the real held-out samples (the ceiling of cas)",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        from models.feature_net import feature_net_for
+
+        super().__init__(*args, **kwargs)
+        self.size = int(self.model.tokenizer.size)
+        self.net = feature_net_for(self.train_shards, self.num_classes(), self.size, steps=self.feature_steps,
+                                   seed=self.seed, path=self.feature_net, device=self.device,
+                                   progress=self.progress).to(self.device)
+
+    def num_classes(self) -> int:
+        """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
+        names = Path(expand_shards(self.train_shards)[0]).parent / CLASSES_NAME
+        if names.is_file():
+            return len(json.loads(names.read_text()))
+        n = getattr(self.model.cond, "num_classes", None)
+        if n is None:
+            raise UserError(f"{names}: not found, and the model is not class-conditional; the image feature net "
+                            "needs the class names of the training shards (written by `duoflow shards`)")
+        return int(n)
+
+    def transform(self) -> SampleTransform:
+        return ImageTransform(size=self.size)
+
+    def embed(self, media: Tensor) -> tuple[Tensor, Tensor]:
+        x = media.float().clamp(-1.0, 1.0)  # what a saved image shows; an untrained model's noise goes past +-1
+        side = self.net.meta.get("size", self.size)
+        if x.shape[-2:] != (side, side):
+            x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
+        return self.net.embed(x)
+
+    def info(self) -> dict[str, Any]:
+        keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
+        return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
+
+
+def _generator_classes() -> dict[type, type[Evaluator]]:
+    from models.generators import ImageFlow
+
+    return {ImageFlow: ImageEvaluator}
+
+
+EVALUATORS = _generator_classes()
+"""Generator class -> its Evaluator (subclasses inherit their base's). Add one line per modality."""
+
+
+def evaluator_for(model: Any) -> type[Evaluator]:
+    """The Evaluator of the generator's class, or of its nearest base class that has one."""
+    for klass in type(model).__mro__:
+        if klass in EVALUATORS:
+            return EVALUATORS[klass]
+    known = ", ".join(k.__name__ for k in EVALUATORS)
+    raise UserError(f"no evaluator for {type(model).__name__} yet; generators with metrics: {known}")
+
+
+# ---------------------------------------------------------------- the shared pipeline
+
+
+def read_samples(shards: str | list[str], transform: SampleTransform, num: int) -> dict[str, Any]:
+    """The first `num` samples of the shards (in shard order), transformed and batched into one dict."""
+    data = ShardDataModule(shards, transform=transform, batch_size=min(256, num), num_workers=0)
+    batches, n = [], 0
+    for batch in data.val_pipeline(expand_shards(shards), rank=0, world_size=1):
+        batches.append(batch)
+        n += len(batch["__key__"])
+        if n >= num:
+            break
+    if not batches:
+        raise ValueError(f"shards {shards!r} hold no readable samples")
+    out = {}
+    for key, first in batches[0].items():
+        parts = [b[key] for b in batches]
+        out[key] = torch.cat(parts)[:num] if isinstance(first, Tensor) else [v for p in parts for v in p][:num]
+    return out
+
+
+def known_labels(samples: dict[str, Any]) -> Tensor | None:
+    """The samples' class ids, or None when any is unknown (-1: its shard had no cls field)."""
+    labels = samples.get("cls")
+    return labels if isinstance(labels, Tensor) and bool((labels >= 0).all()) else None
+
+
+def conditions_for(model: Any, num: int, real: dict[str, Any] | None = None) -> tuple[dict[str, Any], Tensor | None]:
+    """Conditions for `num` samples and the class each stands for (None when there is none).
+
+    Class-conditional: classes 0..K-1 in turn (balanced). Text-conditional: the captions of the
+    real held-out samples (their labels, when they have any). Otherwise the model's previews."""
+    num_classes = getattr(model.cond, "num_classes", None)
+    if num_classes:
+        labels = torch.arange(num) % num_classes
+        return {"cls": labels.tolist()}, labels
+    if real is not None and real.get("txt") and any(real["txt"]):
+        if len(real["txt"]) < num:
+            raise ValueError(f"{len(real['txt'])} held-out captions for {num} samples")
+        labels = known_labels(real)
+        return {"txt": list(real["txt"][:num])}, None if labels is None else labels[:num]
+    return model.cond.preview(num), None
+
+
+def concat(parts: list[Any]) -> Any:
+    """Join per-batch outputs of `generate`: tensors along dim 0; tuples (several streams) element-wise."""
+    if isinstance(parts[0], (tuple, list)):
+        return type(parts[0])(concat(list(p)) for p in zip(*parts))
+    return torch.cat(parts)
+
+
+def generate_samples(model: Any, cond: dict[str, Any], num: int, steps: int | None = None,
+                     cfg_scale: float | None = None, seed: int = 0, batch_size: int = 100,
+                     progress: bool = True) -> Any:
+    """`num` samples in batches (batch i uses noise seed `seed + i`), moved to the CPU."""
+    parts = []
+    starts = range(0, num, batch_size)
+    for i, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=not progress)):
+        n = min(batch_size, num - start)
+        part = {k: v[start : start + n] for k, v in cond.items()}
+        x = model.generate(part, n, steps=steps, cfg_scale=cfg_scale, seed=seed + i)
+        parts.append(x.cpu() if isinstance(x, Tensor) else type(x)(t.cpu() for t in x))
+    return concat(parts)
+
+
+def evaluate_generator(evaluator: Evaluator, model: Any, real: dict[str, Any], reference: Any, num: int,
+                       steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
+                       batch_size: int = 100, progress: bool = True) -> dict[str, float]:
+    """Generate `num` samples and score them against the held-out `reference` (eval mode, no grad)."""
+    cond, labels = conditions_for(model, num, real)
+    was_training = model.training
+    model.eval()
+    try:
+        generated = generate_samples(model, cond, num, steps, cfg_scale, seed, batch_size, progress)
+    finally:
+        model.train(was_training)
+    return evaluator.scores(generated, labels, reference)
+
+
+# ---------------------------------------------------------------- the command
+
+
+def parse(argv: list[str]) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="duoflow evaluate", description="Sample-quality metrics of a generator against "
+                                 "held-out real data (images: FID, precision/recall, CAS).")
+    ap.add_argument("--ckpt", required=True, help="generator checkpoint, e.g. runs/image-digits/checkpoints/last.ckpt")
+    ap.add_argument("--data", required=True, help="HELD-OUT real shards (folder, glob or brace pattern)")
+    ap.add_argument("--reference", default=None, help="TRAINING shards, for the feature net and --real-reference "
+                    "(default: the checkpoint's data.train_shards)")
+    ap.add_argument("--num", type=int, default=500, help="samples per side, capped by the held-out set (default 500)")
+    ap.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's sampler)")
+    ap.add_argument("--cfg-scale", type=float, default=None, help="guidance scale (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="noise seed, also the feature net's (default 0)")
+    ap.add_argument("--batch-size", type=int, default=100, help="samples generated per batch (default 100)")
+    ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
+    ap.add_argument("--untrained", action="store_true", help="score the same architecture with fresh weights")
+    ap.add_argument("--real-reference", action="store_true", help="also score N training samples as if generated")
+    ap.add_argument("--feature-steps", type=int, default=300, help="training steps of a new feature net (default 300)")
+    ap.add_argument("--feature-net", default=None, help="feature net file (default: feature-net.pt by the training shards)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, or auto (default)")
+    ap.add_argument("--json", default=None, help="also write the results to this JSON file")
+    return ap.parse_args(argv)
+
+
+def train_shards_of(ckpt: dict, path: str) -> str | list[str]:
+    """`data.train_shards` of the run config stored in the checkpoint."""
+    text = ckpt.get("duoflow_config")
+    cfg = yaml.safe_load(text) if text else {}
+    cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
+    shards = (cfg.get("data") or {}).get("train_shards")
+    if not shards:
+        raise UserError(f"--ckpt {path}: records no data.train_shards; pass the training shards with --reference")
+    return shards
+
+
+def fresh_copy(model: Any, seed: int) -> Any:
+    """The same architecture with freshly initialised weights (seeded), in eval mode on the same device."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        fresh = type(model)(**model.hparams)
+    return fresh.to(model.device).eval()
+
+
+def print_table(columns: dict[str, dict[str, float]], descriptions: dict[str, str]) -> None:
+    names = list(dict.fromkeys(k for scores in columns.values() for k in scores))
+    width = max(12, *(len(c) + 2 for c in columns))
+    print("metric".ljust(10) + "".join(c.rjust(width) for c in columns))
+    for name in names:
+        values = "".join((f"{s[name]:.4f}" if name in s else "-").rjust(width) for s in columns.values())
+        print(name.ljust(10) + values + "   " + descriptions.get(name, ""))
+
+
+def check_args(args: argparse.Namespace) -> None:
+    if args.num < 10:
+        raise UserError(f"--num {args.num}: expected at least 10 samples (precision/recall need more than k=3 neighbours)")
+    if args.batch_size < 1:
+        raise UserError(f"--batch-size {args.batch_size}: expected a positive number")
+    if not Path(args.ckpt).is_file():
+        raise UserError(f"--ckpt {args.ckpt}: no such checkpoint file")
+
+
+def warn_overlap(data: str, train_shards: str | list[str]) -> None:
+    """Held-out shards that are also training shards make the metrics reward memorisation: say so."""
+    overlap = {Path(u).resolve() for u in expand_shards(data)} & {Path(u).resolve() for u in expand_shards(train_shards)}
+    if overlap:
+        print(f"warning: --data {data} shares {len(overlap)} shard(s) with the training shards {train_shards}; "
+              "pass a held-out split")
+
+
+def main(argv: list[str]) -> int:
+    from app.sample import load_generator
+
+    args = parse(argv)
+    check_args(args)
+    start = time.perf_counter()
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False, mmap=True)
+    train_shards = args.reference or train_shards_of(ckpt, args.ckpt)
+    warn_overlap(args.data, train_shards)
+    model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema, ckpt=ckpt)
+    weights = "ema" if used_ema else "raw"
+    if args.untrained:
+        model, weights = fresh_copy(model, args.seed), "untrained"
+    evaluator = evaluator_for(model)(model, train_shards, device, seed=args.seed, feature_steps=args.feature_steps,
+                                     feature_net=args.feature_net)
+    real = read_samples(args.data, evaluator.transform(), args.num)
+    num = len(real["__key__"])
+    if num < 10:
+        raise UserError(f"--data {args.data}: {num} readable samples; expected at least 10")
+    if num < args.num:
+        print(f"note: {args.data} holds {num} samples: N={num} on both sides")
+    reference = evaluator.reference(real)
+    t0 = time.perf_counter()
+    scores = evaluate_generator(evaluator, model, real, reference, num, args.steps, args.cfg_scale, args.seed,
+                                args.batch_size)
+    result = {
+        "checkpoint": str(args.ckpt), "generator": f"{type(model).__module__}.{type(model).__name__}",
+        "step": ckpt.get("global_step"), "weights": weights, "data": args.data, "train_shards": train_shards, "num": num,
+        "steps": args.steps or getattr(model.sampler, "steps", None),
+        "cfg_scale": model.cfg_scale if args.cfg_scale is None else args.cfg_scale, "seed": args.seed,
+        "metrics": scores, **evaluator.info(), "seconds": {"generate_and_score": round(time.perf_counter() - t0, 2)},
+    }
+    columns = {f"generator ({weights})": scores}
+    if args.real_reference:  # N training samples in place of generated ones; their cas is a TRAINING accuracy
+        train = read_samples(train_shards, evaluator.transform(), num)
+        result["real_reference"] = columns["real reference"] = evaluator.scores(
+            evaluator.as_generated(train), known_labels(train), reference)
+    result["seconds"]["total"] = round(time.perf_counter() - start, 2)
+    print(f"{args.ckpt} (step {result['step']}, {weights} weights) vs {args.data}: N={num}, "
+          f"ODE steps {result['steps']}, cfg {result['cfg_scale']}")
+    print_table(columns, evaluator.descriptions)
+    if args.real_reference:
+        print("real reference: N training samples scored as if generated (the floor of fid; its cas is the accuracy "
+              "on samples the feature net was trained on, so compare cas with real_acc)")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        print(f"wrote {args.json}")
+    return 0
