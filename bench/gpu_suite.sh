@@ -33,11 +33,9 @@ A)
       --tokens 4096 --ctx 256 --batch 4 --iters 10 --peak-tflops 989
   ;;
 B)
-  run 100 $PY bench/flops.py --device cuda --dtype bf16 --dim 2048 --heads 16 --depth-dual 6 --depth-single 8 \
-      --tokens 4096 --ctx 256 --batch 4 --iters 4 --peak-tflops 989 --profile 25
-  run 290 $PY bench/compile_memory.py --device cuda --dtype bf16 --backend inductor --dim 1024 --heads 16 --depth 8 \
-      --batch 8 --tokens 1024 --iters 10 --compile-step
   run 150 $PY bench/input_pipeline.py --device cuda
+  run 240 $PY bench/compile_memory.py --device cuda --dtype bf16 --backend inductor --dim 1024 --heads 16 --depth 8 \
+      --batch 8 --tokens 1024 --iters 10 --compile-step --quick
   ;;
 esac
 if [ -n "${OUT:-}" ]; then cp bench/results/*-cuda.md "$OUT"/ 2>/dev/null; fi

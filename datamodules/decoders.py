@@ -20,7 +20,6 @@ import json
 from collections.abc import Callable
 from typing import Any
 
-import av
 import numpy as np
 import safetensors.numpy
 import soundfile
@@ -57,6 +56,8 @@ def decode_video(data: bytes) -> np.ndarray:
     Refuses more than MAX_VIDEO_FRAMES frames, frames over MAX_IMAGE_PIXELS and clips over
     MAX_VIDEO_PIXELS, from the header where it says and while decoding where it does not.
     """
+    import av  # lazily: only video shards need PyAV
+
     with av.open(io.BytesIO(data), format="mp4") as container:
         if not container.streams.video:
             raise BadSample("mp4 holds no video stream")

@@ -125,7 +125,7 @@ def _sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int]) -> Ten
     """A packed batch in one flash-attention call (cumulative offsets), like xformers' BlockDiagonalMask."""
     lens = torch.tensor(list(seqlens), dtype=torch.int32)
     cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device, non_blocking=True)  # (S+1,)
-    longest = int(lens.max())
+    longest = max(seqlens)  # from the Python list: no device sync, no graph break under torch.compile
     out = _varlen_attn()(q[0], k[0], v[0], cu, cu, longest, longest)  # (N, H, D)
     return out[None]
 
