@@ -19,7 +19,7 @@ training (LightningCLI; every option can be overridden on the command line, see 
 tools:
   sample     generate media from a checkpoint:  duoflow sample --ckpt runs/NAME/checkpoints/last.ckpt --num 16 --out samples/
   export     weights to safetensors (EMA):      duoflow export --ckpt runs/NAME/checkpoints/last.ckpt --out model.safetensors [--no-ema]
-  shards     write WebDataset shards:           duoflow shards images SRC OUT | duoflow shards synthetic image OUT --num N
+  shards     write WebDataset shards:           duoflow shards images|audio SRC OUT | duoflow shards synthetic KIND OUT --num N
   datasets   export a bundled real data set:    duoflow datasets digits data/digits-png --size 16
   evaluate   sample-quality metrics (FID, ...): duoflow evaluate --ckpt CKPT --data HELD_OUT_SHARDS [--num 500] [--json OUT]
   slurm      submit a training job to Slurm:    duoflow slurm submit --config CFG --nodes 1 --gpus-per-node 8 [--dry-run]
@@ -41,6 +41,7 @@ def quiet_known_noise() -> None:
         r".*srun. command is available on your system but is not used.*",
         r".*isinstance\(treespec, LeafSpec\).*",
         r".*no pre-optimization state was saved.*",  # manual optimization: checkpoints hold the post-step state, as intended
+        r".*Attribute '\w*codec' is an instance of .nn.Module.*",  # codecs save no weights: their hparams rebuild them
         r".*does not have many workers which may be a bottleneck.*",
         r"(?s).*Unable to serialize instance <app.checkpoint_io.AtomicCheckpointIO.*",  # set in code, not config
     ):

@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 import yaml
 from torch import Tensor
@@ -169,10 +170,198 @@ class ImageEvaluator(FeatureEvaluator):
         return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
 
-def _generator_classes() -> dict[type, type[Evaluator]]:
-    from models.generators import ImageFlow
+class CheckerEvaluator(Evaluator):
+    """Metrics a procedural checker reads back from the media (models/checkers/), nothing trained. The
+    held-out real samples scored the same way give the `real_` columns (the ceiling)."""
 
-    return {ImageFlow: ImageEvaluator}
+    labelled: ClassVar[tuple[str, ...]] = ()
+    """Metrics that compare with the conditioning class (dropped when the samples have none)."""
+    real: ClassVar[tuple[str, ...]] = ()
+    """Metrics also reported for the real held-out samples, as real_<name>."""
+
+    def check(self, media: Any, labels: list[int]) -> dict[str, float]:
+        """The checker's scores of generated-form media; labels are zeros when unknown."""
+        raise NotImplementedError
+
+    def checked(self, media: Any, labels: Tensor | None) -> dict[str, float]:
+        n = len(media[0]) if isinstance(media, tuple) else len(media)
+        scores = self.check(media, [0] * n if labels is None else labels.tolist())
+        return scores if labels is not None else {k: v for k, v in scores.items() if k not in self.labelled}
+
+    def reference(self, real: dict[str, Any]) -> dict[str, float]:
+        scores = self.checked(self.as_generated(real), known_labels(real))
+        return {f"real_{k}": v for k, v in scores.items() if k in self.real}
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, float]) -> dict[str, float]:
+        return {**self.checked(generated, labels), **reference}
+
+
+class VideoEvaluator(CheckerEvaluator):
+    """Bouncing-shape clips (synthetic_videos): the procedural checker reads shape, motion and frame
+    validity back from every clip (models/checkers/video.py); nothing is trained. The held-out clips
+    scored the same way give the `real_` ceiling."""
+
+    labelled, real = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
+
+    descriptions = {
+        "shape_accuracy": "checker's majority shape over the clip equals the class it was generated for",
+        "temporal_consistency": "frame pairs where one rigid shape moves on as the synthetic physics would",
+        "valid_frames": "frames showing one object of plausible size (noise and flat colour fail)",
+        "real_shape_accuracy": "shape_accuracy of the real held-out clips (the ceiling)",
+        "real_temporal_consistency": "temporal_consistency of the real held-out clips",
+    }
+
+    def transform(self) -> SampleTransform:
+        from datamodules.video import VideoTransform
+
+        tok = self.model.tokenizer
+        return VideoTransform(size=tok.size, max_frames=tok.frames, frame_multiple=tok.tpatch)
+
+    def check(self, clips: Any, labels: list[int]) -> dict[str, float]:
+        from models.checkers.video import video_scores
+        from models.media import to_uint8_images
+
+        return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
+
+
+class AudioEvaluator(CheckerEvaluator):
+    """Note clips (synthetic_audio): the procedural checker reads timbre, pitch and voicing back from every
+    clip (models/checkers/audio.py); nothing is trained. The held-out clips scored the same way give the
+    `real_` ceiling (Griffin-Lim costs a little of it: see tests/test_audio.py)."""
+
+    labelled, real = ("timbre_accuracy",), ("timbre_accuracy", "pitch_in_scale")
+
+    descriptions = {
+        "timbre_accuracy": "checker's timbre equals the class the clip was generated for",
+        "pitch_in_scale": "voiced notes within 50 cents of a scale pitch",
+        "voiced_clips": "clips with at least one pitched note (noise and silence have none)",
+        "real_timbre_accuracy": "timbre_accuracy of the real held-out clips (the ceiling)",
+        "real_pitch_in_scale": "pitch_in_scale of the real held-out clips",
+    }
+
+    def transform(self) -> SampleTransform:
+        from datamodules.audio import AudioTransform
+
+        return AudioTransform(sample_rate=self.model.sample_rate, max_seconds=60.0, min_seconds=0.0)
+
+    def check(self, waves: Any, labels: list[int]) -> dict[str, float]:
+        from models.checkers.audio import audio_scores
+
+        return audio_scores([w.detach().float().cpu().numpy() for w in waves], labels, self.model.sample_rate)
+
+
+class ShapeEvaluator(Evaluator):
+    """3D shapes: point-cloud scores (models/checkers/shape.py) of generated shapes against held-out ones.
+
+    A generated occupancy grid becomes a mesh by marching cubes (as in the PLY files) and `points`
+    surface points; real shapes give their first `points` stored surface points. The class accuracy
+    is a 1-NN classifier by Chamfer distance over labelled TRAINING shapes (the first `train_shapes`),
+    so nothing is fitted to the held-out set; its accuracy on the held-out shapes is the ceiling."""
+
+    points: ClassVar[int] = 512
+    """Surface points per shape (Chamfer costs grow with it)."""
+    train_shapes: ClassVar[int] = 200
+    """Labelled training shapes of the nearest-neighbour classifier."""
+    descriptions = {
+        "coverage": "held-out shapes that are the nearest (Chamfer) of some generated shape (COV, higher is better)",
+        "mmd": "mean Chamfer distance of each held-out shape to its closest generated shape (MMD, lower is better)",
+        "fidelity": "mean Chamfer distance of each generated shape to its closest held-out shape (lower is better)",
+        "class_acc": "generated shapes whose nearest training shape has the class they were generated for",
+        "real_acc": "the same for the real held-out shapes (the ceiling of class_acc)",
+        "empty": "generated grids without a surface (scored as all points at the centre)",
+    }
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        train = read_samples(self.train_shards, self.transform(), self.train_shapes)
+        self.train_points, self.train_labels = list(train["x"].numpy()), known_labels(train)
+
+    def transform(self) -> SampleTransform:
+        from datamodules.shapes import SurfacePoints
+
+        return SurfacePoints(self.points)
+
+    def point_sets(self, shapes: Tensor) -> tuple[list, float]:
+        """Occupancy grids (B, R, R, R), or point sets (B, N, 3) as they are -> point sets, fraction empty."""
+        from models.media_shape import grid_to_mesh, sample_mesh_surface
+
+        if shapes.ndim == 3 and shapes.shape[-1] == 3:
+            return list(shapes.float().numpy()), 0.0
+        sets, empty = [], 0
+        for i, grid in enumerate(shapes):
+            vertices, faces = grid_to_mesh(grid)
+            if len(faces):
+                sets.append(sample_mesh_surface(vertices, faces, self.points, np.random.default_rng(self.seed + i)))
+            else:
+                sets.append(np.zeros((self.points, 3), np.float32))
+                empty += 1
+        return sets, empty / len(shapes)
+
+    def class_accuracy(self, sets: list, labels: Tensor | None) -> dict[str, float]:
+        from models.checkers.shape import shape_class_accuracy
+
+        if labels is None or self.train_labels is None:
+            return {}
+        return {"acc": shape_class_accuracy(sets, labels.tolist(), self.train_points, self.train_labels.tolist())}
+
+    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
+        sets, _ = self.point_sets(real["x"])
+        return {"points": sets, **{f"real_{k}": v for k, v in self.class_accuracy(sets, known_labels(real)).items()}}
+
+    def scores(self, generated: Tensor, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        from models.checkers.shape import coverage_mmd_from, pairwise_chamfer
+
+        sets, empty = self.point_sets(generated)
+        d = pairwise_chamfer(sets, reference["points"])  # (G, R)
+        out = {**coverage_mmd_from(d), "fidelity": float(d.min(axis=1).mean())}
+        out.update({f"class_{k}": v for k, v in self.class_accuracy(sets, labels).items()})
+        out.update({k: v for k, v in reference.items() if k != "points"})
+        return {**out, "empty": empty}
+
+    def info(self) -> dict[str, Any]:
+        return {"points": self.points, "train_shapes": len(self.train_points)}
+
+
+class SyncEvaluator(CheckerEvaluator):
+    """Audio-video clips (synthetic_audiovideo): distance from each visual floor contact to the nearest
+    audio onset (models/checkers/audiovideo.py); nothing is trained. The held-out clips give `real_`."""
+
+    real = ("sync_offset_ms", "sync_f1")
+
+    descriptions = {
+        "sync_offset_ms": "mean distance from a visual contact to the nearest audio onset (ms, capped at 500)",
+        "sync_offset_frames": "the same in video frames",
+        "sync_f1": "contacts and onsets matched within half a frame (F1)",
+        "contact_clips": "clips showing a floor contact (noise shows none)",
+        "real_sync_offset_ms": "sync_offset_ms of the real held-out clips (the floor)",
+        "real_sync_f1": "sync_f1 of the real held-out clips",
+    }
+
+    def transform(self) -> SampleTransform:
+        from datamodules.audiovideo import AudioVideoTransform
+
+        tok = self.model.tokenizer
+        return AudioVideoTransform(size=tok.size, max_frames=4096, frame_multiple=tok.tpatch, fps=self.model.fps,
+                                   sample_rate=self.model.sample_rate)
+
+    def as_generated(self, real: dict[str, Any]) -> Any:
+        return real["x"], real["audio"]
+
+    def check(self, generated: Any, labels: list[int]) -> dict[str, float]:
+        from models.checkers.audiovideo import sync_scores
+        from models.media import to_uint8_images
+
+        videos, audios = generated
+        clips = [to_uint8_images(v.transpose(0, 1)) for v in videos]  # each (T, H, W, 3)
+        waves = [a.detach().float().cpu().numpy() for a in audios]
+        return sync_scores(clips, waves, self.model.fps, self.model.sample_rate)
+
+
+def _generator_classes() -> dict[type, type[Evaluator]]:
+    from models.generators import AudioFlow, AudioVideoFlow, ImageFlow, ShapeFlow, VideoFlow
+
+    return {ImageFlow: ImageEvaluator, VideoFlow: VideoEvaluator, AudioFlow: AudioEvaluator, ShapeFlow: ShapeEvaluator,
+            AudioVideoFlow: SyncEvaluator}
 
 
 EVALUATORS = _generator_classes()
@@ -272,7 +461,8 @@ def evaluate_generator(evaluator: Evaluator, model: Any, real: dict[str, Any], r
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="duoflow evaluate", description="Sample-quality metrics of a generator against "
-                                 "held-out real data (images: FID, precision/recall, CAS).")
+                                 "held-out real data (images: FID, precision/recall, CAS; audio: timbre, pitch, "
+                                 "voicing; audio-video: contact/onset sync).")
     ap.add_argument("--ckpt", required=True, help="generator checkpoint, e.g. runs/image-digits/checkpoints/last.ckpt")
     ap.add_argument("--data", required=True, help="HELD-OUT real shards (folder, glob or brace pattern)")
     ap.add_argument("--reference", default=None, help="TRAINING shards, for the feature net and --real-reference "
@@ -314,10 +504,11 @@ def fresh_copy(model: Any, seed: int) -> Any:
 def print_table(columns: dict[str, dict[str, float]], descriptions: dict[str, str]) -> None:
     names = list(dict.fromkeys(k for scores in columns.values() for k in scores))
     width = max(12, *(len(c) + 2 for c in columns))
-    print("metric".ljust(10) + "".join(c.rjust(width) for c in columns))
+    first = max(10, *(len(n) for n in names))
+    print("metric".ljust(first) + "".join(c.rjust(width) for c in columns))
     for name in names:
         values = "".join((f"{s[name]:.4f}" if name in s else "-").rjust(width) for s in columns.values())
-        print(name.ljust(10) + values + "   " + descriptions.get(name, ""))
+        print(name.ljust(first) + values + "   " + descriptions.get(name, ""))
 
 
 def check_args(args: argparse.Namespace) -> None:

@@ -15,9 +15,43 @@ def parse(argv: list[str]) -> argparse.Namespace:
     img.add_argument("out", help="output folder for the shards")
     img.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
     img.add_argument("--prefix", default="img", help="shard file name prefix (default img)")
+    aud = sub.add_parser(
+        "audio", help="an audio folder: <name>.wav|flac, or <class>/<name>.wav|flac, optional same-name .txt captions",
+        description="Shard a folder of WAV/FLAC files. With class sub-folders, class ids are the sorted folder names "
+                    "(written to OUT/classes.json); otherwise samples have no class. A <name>.txt beside a file is its "
+                    "caption. Audio is stored as its original bytes; unreadable files are skipped with a warning.")
+    aud.add_argument("src", help="folder of .wav/.flac files, or of class sub-folders holding them")
+    aud.add_argument("out", help="output folder for the shards")
+    aud.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
+    aud.add_argument("--prefix", default="audio", help="shard file name prefix (default audio)")
+    shp = sub.add_parser(
+        "shapes", help="a mesh folder: <name>.ply|obj|off, or <class>/<name>.ply|obj|off, optional .txt captions",
+        description="Shard a folder of PLY/OBJ/OFF meshes into shape samples (surface points, occupancy queries and "
+                    "labels), the data of the shape autoencoder. With class sub-folders, class ids are the sorted "
+                    "folder names (written to OUT/classes.json). Each mesh is centred and scaled into the ball of radius 0.9; "
+                    "unreadable meshes are skipped with a warning.")
+    shp.add_argument("src", help="folder of .ply/.obj/.off meshes, or of class sub-folders holding them")
+    shp.add_argument("out", help="output folder for the shards")
+    shp.add_argument("--shard-size", type=int, default=1000, help="shapes per shard (default 1000)")
+    shp.add_argument("--prefix", default="shape", help="shard file name prefix (default shape)")
+    shp.add_argument("--points", type=int, default=2048, help="surface points stored per shape (default 2048)")
+    shp.add_argument("--queries", type=int, default=2048, help="occupancy query points stored per shape (default 2048)")
+    enc = sub.add_parser(
+        "encode-shapes", help="shape shards -> latent shards for ShapeFlow, with a trained shape autoencoder",
+        description="Encode every shape of SRC (written by `shards shapes` or `shards synthetic shape`) to its latent "
+                    "set with the autoencoder of --ckpt (deterministic: posterior mean, scaled), keeping cls, txt and "
+                    "the surface points; OUT/encoder.json records the checkpoint. Train ShapeFlow on OUT.")
+    enc.add_argument("--ckpt", required=True, help="ShapeAutoencoder checkpoint, e.g. runs/shape-ae/checkpoints/last.ckpt")
+    enc.add_argument("src", help="shape shards (folder, glob or brace pattern)")
+    enc.add_argument("out", help="output folder for the latent shards")
+    enc.add_argument("--shard-size", type=int, default=1000, help="shapes per shard (default 1000)")
+    enc.add_argument("--prefix", default="latent", help="shard file name prefix (default latent)")
+    enc.add_argument("--batch-size", type=int, default=64, help="shapes encoded at once (default 64)")
+    enc.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     syn = sub.add_parser("synthetic", help="procedural data with class ids and captions")
     syn.add_argument("kind", choices=list(synthetic.SYNTHETIC_KINDS),
-                     help="image (square shapes), image-mixed (mixed sizes and aspect ratios), video, audio, shape, audiovideo")
+                     help="image (square shapes), image-mixed (mixed sizes and aspect ratios), video, audio (notes), "
+                          "speech (spoken digits; needs the espeak-ng binary), shape, audiovideo")
     syn.add_argument("out", help="output folder for the shards")
     syn.add_argument("--num", type=int, required=True, help="number of samples")
     syn.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
@@ -30,6 +64,20 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.source == "images":
         paths = writers.write_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    elif args.source == "audio":
+        from datamodules.audio import write_audio_folder  # torchaudio only when sharding audio
+
+        paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+    elif args.source == "shapes":
+        from datamodules.shapes import write_mesh_folder
+
+        paths = write_mesh_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                                  points=args.points, queries=args.queries)
+    elif args.source == "encode-shapes":
+        from datamodules.shape_latents import encode_shape_shards  # loads Lightning and the autoencoder
+
+        paths = encode_shape_shards(args.ckpt, args.src, args.out, batch_size=args.batch_size,
+                                    shard_size=args.shard_size, prefix=args.prefix, device=args.device)
     else:
         paths = synthetic.write_synthetic(args.kind, args.out, args.num, shard_size=args.shard_size,
                                           seed=args.seed, image_size=args.size)

@@ -465,3 +465,29 @@ class LatentTransform(SampleTransform):
 
     def cost(self, sample: dict) -> int:
         return len(sample["x"])  # K latent tokens
+
+
+class SurfacePoints(SampleTransform):
+    """Shape or latent sample -> ``x`` float32 (N, 3): its first N stored surface points (deterministic,
+    for metrics; the stored points are already a random sample of the surface). A sample storing
+    fewer repeats them, so batches stack.
+
+    Args:
+        points: Surface points per shape.
+    """
+
+    def __init__(self, points: int = 1024):
+        if points <= 0:
+            raise ValueError(f"SurfacePoints: points must be positive, got {points}")
+        self.points = points
+
+    def __call__(self, decoded: dict) -> dict:
+        where = self.where(decoded)
+        pts = checked_array(decoded, "points.npy", where, (None, 3))
+        if len(pts) == 0:
+            raise BadSample(f"{where}: points.npy is empty")
+        return {"x": torch.from_numpy(np.resize(np.asarray(pts, np.float32), (self.points, 3))),
+                **self.conditioning(decoded)}
+
+    def cost(self, sample: dict) -> int:
+        return self.points

@@ -122,6 +122,7 @@ SYNTHETIC_KINDS: dict[str, tuple[str, str, str]] = {
     "image-mixed": ("datamodules.synthetic:_mixed_images", "shard", "datamodules.synthetic:SHAPES"),
     "video": ("datamodules.video:synthetic_videos", "shard", "datamodules.synthetic:SHAPES"),
     "audio": ("datamodules.audio:synthetic_audio", "shard", "datamodules.audio:TIMBRES"),
+    "speech": ("datamodules.audio:spoken_words", "shard", "datamodules.audio:DIGIT_WORDS"),  # needs espeak-ng
     "shape": ("datamodules.shapes:synthetic_shapes", "shard", "datamodules.shapes:SOLIDS"),
     "audiovideo": ("datamodules.audiovideo:synthetic_audiovideo", "shard", "datamodules.audiovideo:CLASSES"),
 }

@@ -12,46 +12,31 @@ on top.
 from __future__ import annotations
 
 import logging
-import random
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
 
 import lightning as L
-import numpy as np
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
-from models import flow, media
+from models import flow, media, media_audio
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
+from models.codecs.mel import MelCodec
+from models.codecs.shape import ShapeLatents
 from models.conditioning import ClassLabel, Condition, Unconditional
+from models.media_shape import save_meshes
 from models.packing import Layout
+from models.tokenizers.audio import AudioFrames
 from models.tokenizers.base import Tokenizer
 from models.tokenizers.image import ImagePatches
+from models.tokenizers.shape import LatentSet
 from models.tokenizers.video import VideoPatches
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
+from models.training import OptimConfig, adamw_with_warmup, all_finite, rng_state, set_rng_state
 
 log = logging.getLogger("duoflow.train")
-
-
-@dataclass
-class OptimConfig:
-    lr: float = 3e-4
-    """Peak learning rate of AdamW."""
-    betas: tuple[float, float] = (0.9, 0.99)
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    """Linear warm-up from 0 to lr over this many optimizer steps, then constant."""
-    grad_clip: float = 1.0
-    """Clip the global gradient norm to this value; 0 disables clipping."""
-
-
-def numpy_rng_state() -> tuple:
-    """numpy's global RNG state with its key array as a tensor (loadable with torch.load(weights_only=True))."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
-    return kind, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(gauss)
 
 
 class FlowMatchingModule(L.LightningModule):
@@ -83,7 +68,7 @@ class FlowMatchingModule(L.LightningModule):
         """
         Args:
             tokenizer: Patchify/unpatchify of the modality's latent (its positions feed RoPE).
-            backbone: The MM-DiT; `streams` must be 2 here ([x, ctx]).
+            backbone: The MM-DiT; `streams` = generated streams + 1 (the context), `out_streams` = generated ones.
             conditioning: What the model is conditioned on (ClassLabel, ByteText, Unconditional).
             codec: First stage (encode data to the latent the flow runs in); None = identity (pixels).
             timesteps: Training-time t distribution (LogitNormalT, UniformT, ModeT, UShapedT).
@@ -171,9 +156,12 @@ class FlowMatchingModule(L.LightningModule):
         return untokenize(self.tokenizer, x.with_x(v))
 
     def latents(self, batch: dict[str, Any]) -> list[Latents]:
-        """The first stage of every generated stream (no gradient: codecs are fixed)."""
+        """The first stage of every generated stream, trimmed to whole patches (no gradient: codecs are fixed)."""
         with torch.no_grad():
-            return [map_latents(codec.encode, batch[key]) for key, codec in zip(self.keys, self.codecs)]
+            return [
+                map_latents(lambda x, codec=codec, tok=tok: tok.crop(codec.encode(x)), batch[key])
+                for key, codec, tok in zip(self.keys, self.codecs, self.tokenizers)
+            ]
 
     def tokens(self, batch: dict[str, Any]) -> list[Tokens]:
         return [tokenize(tok, z) for tok, z in zip(self.tokenizers, self.latents(batch))]
@@ -206,30 +194,14 @@ class FlowMatchingModule(L.LightningModule):
     # ---- training ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        o = self.optim
-        opt = torch.optim.AdamW(self.parameters(), lr=o.lr, betas=o.betas, weight_decay=o.weight_decay)
-        warm = max(o.warmup_steps, 0)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
-
-    def all_finite(self, loss: Tensor) -> bool:
-        """True when loss and every gradient are finite on EVERY rank (a collective decision:
-        a rank that skipped alone would desynchronise DDP)."""
-        ok = torch.isfinite(loss.detach()).all()
-        grads = [p.grad for p in self.parameters() if p.grad is not None]
-        if grads:
-            ok = ok & torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()
-        ok = ok.float().reshape(1)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-        return bool(ok.item() > 0)
+        return adamw_with_warmup(self.parameters(), self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         opt = self.optimizers()
         sched = self.lr_schedulers()
         loss = self.loss(batch)
         self.manual_backward(loss)
-        self.last_step_applied = self.all_finite(loss)
+        self.last_step_applied = all_finite(loss, self.parameters())
         if self.last_step_applied:
             if self.optim.grad_clip > 0:
                 self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
@@ -256,10 +228,7 @@ class FlowMatchingModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
         # t, noise and condition dropout come from the global RNGs: a resumed run continues their streams
-        checkpoint["duoflow_rng"] = {
-            "torch": torch.get_rng_state(), "numpy": numpy_rng_state(), "python": random.getstate(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
-        }
+        checkpoint["duoflow_rng"] = rng_state()
         if getattr(self, "duoflow_config", None):
             checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
 
@@ -267,12 +236,7 @@ class FlowMatchingModule(L.LightningModule):
         self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
         rng = checkpoint.get("duoflow_rng")
         if rng and self._trainer is not None:  # resuming a fit, not loading weights for sampling
-            torch.set_rng_state(rng["torch"])
-            kind, keys, pos, has_gauss, gauss = rng["numpy"]
-            np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
-            random.setstate(rng["python"])
-            if rng.get("cuda") is not None and torch.cuda.is_available() and len(rng["cuda"]) == torch.cuda.device_count():
-                torch.cuda.set_rng_state_all(rng["cuda"])
+            set_rng_state(rng)
 
     # ---- sampling ----------------------------------------------------------------------
 
@@ -389,3 +353,136 @@ class VideoFlow(FlowMatchingModule):
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
+
+
+def mel_codec_for(tokenizer: AudioFrames, sample_rate: int, codec: MelCodec | None) -> MelCodec:
+    """The audio stream's codec: ``codec``, or MelCodec's defaults at ``sample_rate``; checked against both."""
+    mel = MelCodec(sample_rate=sample_rate, n_mels=tokenizer.channels) if codec is None else codec
+    if mel.sample_rate != sample_rate or mel.n_mels != tokenizer.channels:
+        raise ValueError(
+            f"codec: sample_rate={mel.sample_rate}, n_mels={mel.n_mels}; expected the model's sample_rate={sample_rate} "
+            f"and n_mels = tokenizer channels={tokenizer.channels}"
+        )
+    return mel
+
+
+class AudioFlow(FlowMatchingModule):
+    """Class- or text-conditional audio generator on log-mel frames: 1-D patches with 1-D RoPE over
+    time, clips of mixed durations packed in one batch; samples written as WAV (Griffin-Lim phase)."""
+
+    media_suffix = ".wav"
+
+    def __init__(
+        self,
+        tokenizer: AudioFrames = AudioFrames(),
+        conditioning: Condition = ClassLabel(),
+        backbone: MMDiTConfig = MMDiTConfig(rope_axes=1),
+        sample_rate: int = 8000,
+        codec: MelCodec | None = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            backbone: The MM-DiT, with one RoPE axis (time).
+            sample_rate: Rate of the training audio (set data.transform.sample_rate to the same) and of the WAVs.
+            codec: Log-mel codec; None = MelCodec defaults at sample_rate with n_mels = tokenizer.channels.
+            Other arguments as FlowMatchingModule.
+        """
+        mel = mel_codec_for(tokenizer, sample_rate, codec)
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, codec=mel, **kwargs)
+        self.sample_rate = sample_rate  # also read by log_media for the W&B audio panel
+
+    def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+        return media_audio.save_audio(x, out_dir, self.sample_rate, prefix)
+
+
+class AudioVideoFlow(FlowMatchingModule):
+    """Joint video + audio generator: streams [video, audio, context] in one MM-DiT, each with its own
+    weights in the dual-stream blocks and one joint attention over all of them (cross-modal both ways),
+    then shared single-stream blocks. Audio tokens sit on the video's time axis (RoPE), so a sound
+    and the frame it belongs to share a position. Batches: ``x`` video (3, T, H, W), ``audio`` (S,)
+    of the clip's duration (datamodules.audiovideo.AudioVideoTransform). Samples: MP4 with sound."""
+
+    media_suffix = ".mp4"
+    num_generated = 2
+
+    def __init__(
+        self,
+        tokenizer: VideoPatches = VideoPatches(),
+        audio_tokenizer: AudioFrames = AudioFrames(),
+        conditioning: Condition = ClassLabel(),
+        backbone: MMDiTConfig = MMDiTConfig(streams=3, out_streams=2, rope_axes=3),
+        fps: int = 8,
+        sample_rate: int = 8000,
+        audio_codec: MelCodec | None = None,
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            tokenizer: Video patches (3-D RoPE: t, row, col).
+            audio_tokenizer: Mel-frame patches; its `frames` must last as long as the video's `frames`.
+            backbone: The MM-DiT: streams=3 (video, audio, context), out_streams=2, rope_axes=3.
+            fps: Frame rate of the data and of the written MP4s.
+            sample_rate: Audio rate of the data (data.transform.sample_rate) and of the MP4 soundtracks.
+            audio_codec: Log-mel codec; None = MelCodec defaults at sample_rate, n_mels = audio_tokenizer.channels.
+            Other arguments as FlowMatchingModule.
+        """
+        mel = mel_codec_for(audio_tokenizer, sample_rate, audio_codec)
+        expected = tokenizer.frames * sample_rate / fps / mel.hop
+        if abs(audio_tokenizer.frames - expected) > audio_tokenizer.patch:
+            raise ValueError(
+                f"audio_tokenizer.frames={audio_tokenizer.frames}: expected about {expected:.1f} mel frames, as long as "
+                f"tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, hop={mel.hop})"
+            )
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, **kwargs)
+        self.add_stream("audio", audio_tokenizer, mel)
+        self.fps, self.sample_rate = fps, sample_rate
+
+    def audio_positions(self, pos: Tensor) -> Tensor:
+        """Audio token index (B, N, 1) -> (B, N, 3) positions (t, 0, 0), t in video tokens (tubelets).
+
+        A token's time is the centre of its mel frames (frame f is centred on sample f * hop); video
+        token j spans frames j k .. j k + k - 1 (k = tpatch), frame i shown at i / fps."""
+        patch, hop, k = self.tokenizers[1].patch, self.codecs[1].hop, self.tokenizer.tpatch
+        seconds = (pos * patch + (patch - 1) / 2) * hop / self.sample_rate
+        t = (seconds * self.fps - (k - 1) / 2) / k
+        return torch.nn.functional.pad(t, (0, 2))  # no height or width
+
+    def velocity_tokens(self, xs: list[Tokens], t: Tensor, cond: dict[str, Any], drop: Tensor) -> list[Tensor]:
+        video, audio = xs
+        return super().velocity_tokens([video, replace(audio, pos=self.audio_positions(audio.pos))], t, cond, drop)
+
+    def save_media(self, x: tuple[Tensor, Tensor], out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+        video, audio = x
+        return media.save_videos(video, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // video.shape[-1]),
+                                 audio=audio, sample_rate=self.sample_rate)
+
+
+class ShapeFlow(FlowMatchingModule):
+    """Class- or text-conditional 3D shape generator in the latent-set space of a trained shape
+    autoencoder: K latent vectors as K tokens without positions (a set, no RoPE), trained on
+    pre-encoded latent shards; samples decoded to occupancy grids and written as PLY meshes."""
+
+    media_suffix = ".ply"
+
+    def __init__(
+        self,
+        codec: ShapeLatents,
+        tokenizer: LatentSet | None = None,
+        conditioning: Condition = ClassLabel(),
+        **kwargs: Any,
+    ):
+        """
+        Args:
+            codec: The frozen autoencoder whose latents the shards hold (ShapeLatents with its ckpt).
+            tokenizer: Latent-set tokenizer; None = the codec's (K, d). Given, it must match the codec.
+            Other arguments as FlowMatchingModule.
+        """
+        tokenizer = tokenizer or LatentSet(*codec.latent_shape)
+        if tokenizer.latent_shape() != codec.latent_shape:
+            raise ValueError(f"ShapeFlow: tokenizer latents (K, d) = {tokenizer.latent_shape()} but the codec's "
+                             f"autoencoder makes {codec.latent_shape}; drop model.init_args.tokenizer to follow the codec")
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, codec=codec, **kwargs)
+
+    def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
+        return save_meshes(x, out_dir, prefix)

@@ -134,11 +134,13 @@ def read_mp4(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, float, in
 
 
 def save_videos(
-    x: Tensor, out_dir: str | Path, prefix: str = "sample", fps: int = 8, upscale: int = 4, grid_frames: int = 8
+    x: Tensor, out_dir: str | Path, prefix: str = "sample", fps: int = 8, upscale: int = 4, grid_frames: int = 8,
+    audio: Tensor | None = None, sample_rate: int | None = None,
 ) -> list[Path]:
     """Write (B, 3, T, H, W) in [-1, 1] as one MP4 per clip, then a PNG filmstrip grid; returns the paths, grid last.
 
     The grid has one row per clip showing its first ``grid_frames`` frames, enlarged ``upscale`` times.
+    ``audio`` (B, S) in [-1, 1] at ``sample_rate``: each clip's soundtrack, muxed into its MP4 as AAC.
     """
     if x.ndim != 5 or x.shape[1] != 3:
         raise ValueError(f"save_videos: expected a (B, 3, T, H, W) tensor, got shape {tuple(x.shape)}")
@@ -146,7 +148,9 @@ def save_videos(
     out.mkdir(parents=True, exist_ok=True)
     b, _, t, h, w = x.shape
     clips = to_uint8_images(x.transpose(1, 2).reshape(b * t, 3, h, w)).reshape(b, t, h, w, 3)
-    paths = [write_mp4(clip, out / f"{prefix}-{i:04d}.mp4", fps=fps, upscale=upscale) for i, clip in enumerate(clips)]
+    sounds = [None] * b if audio is None else audio.detach().float().cpu().numpy()
+    paths = [write_mp4(clip, out / f"{prefix}-{i:04d}.mp4", fps=fps, audio=sound, sample_rate=sample_rate, upscale=upscale)
+             for i, (clip, sound) in enumerate(zip(clips, sounds))]
     shown = min(t, grid_frames)
     grid = Image.fromarray(image_grid(clips[:, :shown].reshape(b * shown, h, w, 3), nrow=shown))
     if upscale > 1:

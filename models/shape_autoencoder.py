@@ -22,8 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.codecs.shape import ShapeAEConfig, ShapeCodec
-from models.generators import OptimConfig
-from models.training import adamw_with_warmup, all_finite, rng_state, set_rng_state
+from models.training import OptimConfig, adamw_with_warmup, all_finite, rng_state, set_rng_state
 
 log = logging.getLogger("duoflow.train")
 

@@ -6,22 +6,32 @@
 - ``rng_state`` / ``set_rng_state``: the global RNG streams, stored in checkpoints so a resumed
   run draws the same noise as an uninterrupted one.
 
-``FlowMatchingModule`` holds the same logic as methods; both can share these functions.
+Shared by ``FlowMatchingModule`` and ``ShapeAutoencoder``.
 """
 
 from __future__ import annotations
 
 import random
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from models.generators import OptimConfig
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4
+    """Peak learning rate of AdamW."""
+    betas: tuple[float, float] = (0.9, 0.99)
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    """Linear warm-up from 0 to lr over this many optimizer steps, then constant."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm to this value; 0 disables clipping."""
 
 
 def adamw_with_warmup(parameters: Iterable[nn.Parameter], optim: OptimConfig) -> dict[str, Any]:

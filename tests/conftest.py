@@ -46,3 +46,24 @@ def synthetic_shards(tmp_path_factory: pytest.TempPathFactory):
         return made[kind]
 
     return get
+
+
+@pytest.fixture(scope="session")
+def shape_latents(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) -> tuple[Path, Path]:
+    """(checkpoint of a tiny untrained ShapeAutoencoder saved through Lightning, latent shards it encoded)
+    for ShapeFlow tests: untrained weights decode to some shape, and saving skips a training run."""
+    import lightning as L
+
+    from datamodules.shape_latents import encode_shape_shards
+    from models.codecs.shape import ShapeAEConfig
+    from models.shape_autoencoder import ShapeAutoencoder
+
+    out = tmp_path_factory.mktemp("shape-latents")
+    cfg = ShapeAEConfig(latents=16, latent_dim=4, width=32, heads=2, enc_self_layers=0, dec_layers=1, fourier_bands=4)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False)
+    trainer.strategy.connect(ShapeAutoencoder(cfg))
+    ckpt = out / "ae.ckpt"
+    trainer.save_checkpoint(ckpt)
+    encode_shape_shards(str(ckpt), str(synthetic_shards("shape")), str(out / "latents"), points=256, progress=False)
+    return ckpt, out / "latents"

@@ -6,6 +6,7 @@ import io
 import json
 import logging
 import math
+import shutil
 import tarfile
 
 import numpy as np
@@ -295,3 +296,37 @@ def test_checker_survives_mel_griffin_lim(clips):
     rebuilt = [decoded[i, : len(w)].numpy() for i, w in enumerate(waves)]
     scores = audio_scores(rebuilt, [s["cls"] for s in sample], SR, note_counts=[len(s["json"]["onsets_s"]) for s in sample])
     assert scores["timbre_accuracy"] >= 0.75 and scores["pitch_in_scale"] >= 0.6 and scores["onset_count_error"] <= 0.5
+
+
+def test_shards_audio_command(tmp_path, capsys):
+    from app.__main__ import main
+
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, freq in (("a", 440), ("b", 660)):
+        (src / f"{name}.wav").write_bytes(wav_bytes(tone(freq, 0.3), SR))
+    (src / "a.txt").write_text("a tone")
+    assert main(["shards", "audio", str(src), str(tmp_path / "out"), "--shard-size", "1"]) == 0
+    samples = {k: v for path in sorted((tmp_path / "out").glob("audio-*.tar")) for k, v in read_tar(str(path)).items()}
+    assert len(samples) == 2 and sorted(s.get("txt", b"").decode() for s in samples.values()) == ["", "a tone"]
+    with pytest.raises(SystemExit):
+        main(["shards", "audio", "--help"])
+    assert "WAV/FLAC" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(shutil.which("espeak-ng") is None, reason="espeak-ng binary not installed")
+def test_synthetic_speech_kind_writes_spoken_digits(tmp_path):
+    """`shards synthetic speech`: espeak-ng words as WAV with the digit as class and a caption."""
+    import webdataset as wds
+
+    from datamodules.audio import DIGIT_WORDS
+    from datamodules.synthetic import write_synthetic
+
+    paths = write_synthetic("speech", str(tmp_path), 4, progress=False)
+    samples = list(wds.WebDataset(paths, shardshuffle=False))
+    assert len(samples) == 4
+    for s in samples:
+        wave, rate = soundfile.read(io.BytesIO(s["wav"]))
+        label = int(s["cls"])
+        assert rate == 8000 and 0.1 < len(wave) / rate < 3.0 and np.abs(wave).max() > 0.05
+        assert DIGIT_WORDS[label] in s["txt"].decode()

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 from PIL import Image
 
 from app.__main__ import main
@@ -64,22 +65,29 @@ def test_ckpt_path_last_without_checkpoint_starts_fresh(tmp_path: Path, image_sh
     assert ckpt["global_step"] == 2
 
 
-CONFIG_DATA = {"image": "image", "video": "video", "audio": "audio", "audiovideo": "audiovideo"}
-"""config folder -> synthetic kind its data is (shape configs have their own tests in tests/test_shape.py)."""
+CONFIG_DATA = {"image": "image", "video": "video", "audio": "audio", "audiovideo": "audiovideo", "shape": "shape"}
+"""config folder -> synthetic kind its data is (shape flows train on latent shards encoded from it)."""
 
 
 @pytest.mark.parametrize("config", sorted(str(p.relative_to(ROOT)) for p in (ROOT / "configs").rglob("*.yaml")
                                           if p.parent.name in CONFIG_DATA))
-def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shards) -> None:
+def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shards, request: pytest.FixtureRequest) -> None:
     """Every shipped YAML parses and trains a step (shrunk to CPU size, as torchgeo does)."""
     modality = Path(config).parent.name
+    shards = synthetic_shards(CONFIG_DATA[modality])
+    shrink = ["--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
+              "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1"]
+    if yaml.safe_load((ROOT / config).read_text())["model"]["class_path"].endswith("ShapeAutoencoder"):
+        shrink = ["--model.init_args.codec.width", "32", "--model.init_args.codec.heads", "2",
+                  "--data.transform.init_args.points", "64", "--data.transform.init_args.queries", "64"]
+    elif modality == "shape":  # a flow on latent shards, decoded by the autoencoder that encoded them
+        ckpt, shards = request.getfixturevalue("shape_latents")
+        shrink += ["--model.init_args.codec.init_args.ckpt", str(ckpt), "--model.init_args.codec.init_args.resolution", "8"]
     args = ["fit", "--config", str(ROOT / config), "--runs_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.logger", "false", "--data.batch_size", "2", "--data.num_workers", "0",
-            "--data.train_shards", str(synthetic_shards(CONFIG_DATA[modality]) / "*.tar"),
-            "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
-            "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1"]
-    if modality in ("image", "video"):
+            "--data.train_shards", str(shards / "*.tar"), *shrink]
+    if modality in ("image", "video", "audiovideo"):
         args += ["--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16"]
     assert main(args) == 0
 

@@ -54,7 +54,12 @@ def pairwise_chamfer(generated: Sequence[np.ndarray], reference: Sequence[np.nda
 
 def coverage_mmd(generated: Sequence[np.ndarray], reference: Sequence[np.ndarray]) -> dict[str, float]:
     """{"coverage", "mmd"} of generated shapes against reference shapes (module docstring)."""
-    d = pairwise_chamfer(generated, reference)  # (G, R)
+    return coverage_mmd_from(pairwise_chamfer(generated, reference))
+
+
+def coverage_mmd_from(d: np.ndarray) -> dict[str, float]:
+    """{"coverage", "mmd"} from a (G, R) generated-to-reference Chamfer matrix (computed once by a caller
+    that needs more scores from it)."""
     covered = np.unique(d.argmin(axis=1))
     return {"coverage": len(covered) / d.shape[1], "mmd": float(d.min(axis=0).mean())}
 

@@ -17,6 +17,7 @@ H heads, D head dim (C = H * D), R grid side.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -174,3 +175,47 @@ class ShapeCodec(nn.Module):
         logits = torch.cat([self.query(tokens, grid[:, s : s + self.cfg.chunk])
                             for s in range(0, grid.shape[1], self.cfg.chunk)], dim=1)  # (B, R^3)
         return logits.sigmoid().reshape(-1, resolution, resolution, resolution)
+
+
+class ShapeLatents(nn.Module):
+    """First stage of ShapeFlow on pre-encoded latent shards (datamodules/shape_latents.py).
+
+    ``encode`` is the identity: the shards already hold scaled latents (B, K, d), what
+    ``ShapeCodec.encode`` returns. ``decode`` turns generated latents into occupancy grids with the
+    autoencoder of ``ckpt``. Its weights are frozen and travel in the flow's checkpoint too, so a
+    flow samples with the very decoder it was trained for; the file at ``ckpt`` must still exist when
+    the flow is loaded, since it gives the decoder's sizes.
+    """
+
+    def __init__(self, ckpt: str, resolution: int = 32) -> None:
+        """
+        Args:
+            ckpt: ShapeAutoencoder checkpoint (``python -m app fit --config configs/shape/autoencoder.yaml``)
+                whose encoder wrote the latent shards.
+            resolution: Side R of the occupancy grid that samples are decoded on (marching cubes runs on it).
+        """
+        from models.shape_autoencoder import load_shape_codec  # here: that module imports models.generators
+
+        super().__init__()
+        if not Path(ckpt).is_file():
+            raise FileNotFoundError(f"ShapeLatents: no such checkpoint {ckpt!r}; expected the ShapeAutoencoder .ckpt "
+                                    "that encoded the latent shards (model.init_args.codec.init_args.ckpt)")
+        if resolution < 2:
+            raise ValueError(f"ShapeLatents: resolution={resolution}, expected at least 2 grid points per side")
+        self.resolution = resolution
+        # frozen: requires_grad False, so neither the optimizer nor EMA touch it (train/eval mode changes
+        # nothing: the codec has no dropout or batch norm)
+        self.ae = load_shape_codec(ckpt)
+
+    @property
+    def latent_shape(self) -> tuple[int, int]:
+        """(K, d) of the autoencoder's latent set."""
+        return self.ae.cfg.latents, self.ae.cfg.latent_dim
+
+    def encode(self, latents: Tensor) -> Tensor:
+        return latents
+
+    def decode(self, latents: Tensor) -> Tensor:
+        """Scaled latents (B, K, d) -> occupancy probabilities (B, R, R, R), one shape at a time (a batch of
+        100 at R = 32 would hold GBs of attention scores)."""
+        return torch.cat([self.ae.decode(z[None], self.resolution) for z in latents])

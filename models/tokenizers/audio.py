@@ -46,6 +46,10 @@ class AudioFrames(Tokenizer):
         """(N, 1) token index along time."""
         return torch.arange(frames // self.patch, device=device, dtype=torch.float32)[:, None]
 
+    def crop(self, latent: Tensor) -> Tensor:
+        """Drop the last F mod p frames (a mel codec gives F = S // hop + 1, any count): at most p - 1 frames."""
+        return latent[..., : latent.shape[-1] // self.patch * self.patch]
+
     def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
         b, _, f = x.shape
         if f % self.patch:

@@ -16,14 +16,18 @@ class Tokenizer:
     token_dim: int
     """Values per token (P), e.g. C * p * p for an image patch."""
     rope_axes: int
-    """Number of position axes the tokens carry (A)."""
+    """Number of position axes the tokens carry (A); 0 for sets, whose positions are None (no RoPE)."""
 
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latent, without the batch dim (what sampling starts from)."""
         raise NotImplementedError
 
-    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """(B, *latent) -> tokens (B, N, P), positions (B, N, A)."""
+    def crop(self, latent: Tensor) -> Tensor:
+        """(..., *latent) trimmed to whole patches where a codec's output need not be (default: as is)."""
+        return latent
+
+    def tokenize(self, x: Tensor) -> tuple[Tensor, Tensor | None]:
+        """(B, *latent) -> tokens (B, N, P), positions (B, N, A) or None (a set: no positions)."""
         raise NotImplementedError
 
     def untokenize(self, tokens: Tensor, shape: tuple[int, ...]) -> Tensor:
