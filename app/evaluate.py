@@ -145,15 +145,7 @@ class ImageEvaluator(FeatureEvaluator):
                                    progress=self.progress).to(self.device)
 
     def num_classes(self) -> int:
-        """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
-        names = Path(expand_shards(self.train_shards)[0]).parent / CLASSES_NAME
-        if names.is_file():
-            return len(json.loads(names.read_text()))
-        n = getattr(self.model.cond, "num_classes", None)
-        if n is None:
-            raise UserError(f"{names}: not found, and the model is not class-conditional; the image feature net "
-                            "needs the class names of the training shards (written by `duoflow shards`)")
-        return int(n)
+        return num_classes_of(self.train_shards, self.model)
 
     def transform(self) -> SampleTransform:
         return ImageTransform(size=self.size)
@@ -204,6 +196,7 @@ class VideoEvaluator(CheckerEvaluator):
     labelled, real = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
 
     descriptions = {
+        "frame_fd": "per-frame Fréchet distance in a feature net trained on the training clips' frames (lower is better)",
         "shape_accuracy": "checker's majority shape over the clip equals the class it was generated for",
         "temporal_consistency": "frame pairs where one rigid shape moves on as the synthetic physics would",
         "valid_frames": "frames showing one object of plausible size (noise and flat colour fail)",
@@ -217,11 +210,37 @@ class VideoEvaluator(CheckerEvaluator):
         tok = self.model.tokenizer
         return VideoTransform(size=tok.size, max_frames=tok.frames, frame_multiple=tok.tpatch)
 
+    def __init__(self, *args: Any, **kwargs: Any):
+        from models.feature_net import feature_net_for
+
+        super().__init__(*args, **kwargs)
+        self.net = feature_net_for(self.train_shards, num_classes_of(self.train_shards, self.model),
+                                   int(self.model.tokenizer.size), steps=self.feature_steps, seed=self.seed,
+                                   path=self.feature_net, device=self.device, progress=self.progress,
+                                   transform=self.transform()).to(self.device)
+
+    def frame_features(self, clips: Any) -> Tensor:
+        from models.feature_net import as_frames
+
+        frames, _ = as_frames([c.float().clamp(-1.0, 1.0) for c in clips], torch.zeros(len(clips), dtype=torch.long))
+        return self.net.embed(frames.to(self.device))[0]
+
     def check(self, clips: Any, labels: list[int]) -> dict[str, float]:
         from models.checkers.video import video_scores
         from models.media import to_uint8_images
 
         return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
+
+    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
+        return {"scores": super().reference(real), "features": self.frame_features(self.as_generated(real))}
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        fd = frechet_from_features(reference["features"], self.frame_features(generated))
+        return {"frame_fd": fd, **super().scores(generated, labels, reference["scores"])}
+
+    def info(self) -> dict[str, Any]:
+        keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
+        return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
 
 class AudioEvaluator(CheckerEvaluator):
@@ -232,6 +251,7 @@ class AudioEvaluator(CheckerEvaluator):
     labelled, real = ("timbre_accuracy",), ("timbre_accuracy", "pitch_in_scale")
 
     descriptions = {
+        "mel_fd": "Fréchet distance of per-clip log-mel statistics (mean and std of each mel band; lower is better)",
         "timbre_accuracy": "checker's timbre equals the class the clip was generated for",
         "pitch_in_scale": "voiced notes within 50 cents of a scale pitch",
         "voiced_clips": "clips with at least one pitched note (noise and silence have none)",
@@ -248,6 +268,24 @@ class AudioEvaluator(CheckerEvaluator):
         from models.checkers.audio import audio_scores
 
         return audio_scores([w.detach().float().cpu().numpy() for w in waves], labels, self.model.sample_rate)
+
+    def mel_features(self, waves: Any) -> Tensor:
+        """(N, 2M): each clip's log-mel band means and standard deviations over time, with the model's
+        own mel codec (hand-made features: no network to train or download, stable across runs)."""
+        codec = self.model.codec
+        device = codec.fbank.device
+        feats = []
+        for w in waves:
+            mel = codec.encode(w.detach().float().reshape(1, -1).to(device))[0]  # (M, F)
+            feats.append(torch.cat([mel.mean(dim=-1), mel.std(dim=-1, unbiased=False)]).cpu())
+        return torch.stack(feats)
+
+    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
+        return {"scores": super().reference(real), "features": self.mel_features(real["x"])}
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        fd = frechet_from_features(reference["features"], self.mel_features(generated))
+        return {"mel_fd": fd, **super().scores(generated, labels, reference["scores"])}
 
 
 class ShapeEvaluator(Evaluator):
@@ -355,6 +393,18 @@ class SyncEvaluator(CheckerEvaluator):
         clips = [to_uint8_images(v.transpose(0, 1)) for v in videos]  # each (T, H, W, 3)
         waves = [a.detach().float().cpu().numpy() for a in audios]
         return sync_scores(clips, waves, self.model.fps, self.model.sample_rate)
+
+
+def num_classes_of(train_shards: str | list[str], model: Any) -> int:
+    """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
+    names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
+    if names.is_file():
+        return len(json.loads(names.read_text()))
+    n = getattr(model.cond, "num_classes", None)
+    if n is None:
+        raise UserError(f"{names}: not found, and the model is not class-conditional; the feature net "
+                        "needs the class names of the training shards (written by `duoflow shards`)")
+    return int(n)
 
 
 def _generator_classes() -> dict[type, type[Evaluator]]:

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from datamodules.shards import ShardDataModule, expand_shards
-from datamodules.transforms import ImageTransform
+from datamodules.transforms import ImageTransform, SampleTransform
 from models.metrics import accuracy
 
 log = logging.getLogger("duoflow.eval")
@@ -85,14 +85,27 @@ class FeatureNet(nn.Module):
 # ---------------------------------------------------------------- training on real shards
 
 
-def read_images(shards: str | list[str], size: int, limit: int = MAX_TRAIN_SAMPLES) -> tuple[Tensor, Tensor]:
-    """Up to `limit` images of the shards, in shard order: ((N, 3, size, size) in [-1, 1], (N,) labels)."""
-    data = ShardDataModule(shards, transform=ImageTransform(size=size), batch_size=256, num_workers=0)
+def as_frames(x: Tensor | list[Tensor], labels: Tensor) -> tuple[Tensor, Tensor]:
+    """Images (N, 3, S, S) as they are; video clips (3, T, S, S), a batch or a list of different
+    lengths, as their frames, each labelled with its clip's class."""
+    if isinstance(x, Tensor) and x.ndim == 4:
+        return x, labels
+    frames = [clip.transpose(0, 1) for clip in x]  # each (T, 3, S, S)
+    return torch.cat(frames), torch.cat([label.repeat(len(f)) for label, f in zip(labels, frames)])
+
+
+def read_images(shards: str | list[str], size: int, limit: int = MAX_TRAIN_SAMPLES,
+                transform: SampleTransform | None = None) -> tuple[Tensor, Tensor]:
+    """Up to `limit` images of the shards, in shard order: ((N, 3, size, size) in [-1, 1], (N,) labels).
+
+    `transform` reads the samples (default ImageTransform(size)); clips give their frames (as_frames)."""
+    data = ShardDataModule(shards, transform=transform or ImageTransform(size=size), batch_size=64, num_workers=0)
     xs, labels, n = [], [], 0
     for batch in data.val_pipeline(expand_shards(shards), rank=0, world_size=1):
-        xs.append(batch["x"])
-        labels.append(batch["cls"])
-        n += len(batch["x"])
+        x, y = as_frames(batch["x"], batch["cls"])
+        xs.append(x)
+        labels.append(y)
+        n += len(x)
         if n >= limit:
             break
     if not xs:
@@ -146,9 +159,11 @@ def fit_feature_net(
 
 
 def train_feature_net(shards: str | list[str], num_classes: int, size: int, steps: int = 300, seed: int = 0,
-                      width: int = 32, device: str | torch.device = "cpu", progress: bool = True) -> FeatureNet:
-    """A FeatureNet trained on the real images of `shards` (the training split) at `size` pixels (returned on the CPU)."""
-    x, labels = read_images(shards, size)
+                      width: int = 32, device: str | torch.device = "cpu", progress: bool = True,
+                      transform: SampleTransform | None = None) -> FeatureNet:
+    """A FeatureNet trained on the real images (or video frames) of `shards` (the training split) at
+    `size` pixels (returned on the CPU)."""
+    x, labels = read_images(shards, size, transform=transform)
     net = fit_feature_net(x, labels, num_classes, steps=steps, seed=seed, width=width, device=device, progress=progress)
     net.meta["shards"] = shard_signature(shards)
     log.info("feature net: %d training images, %d steps, train accuracy %.3f",
@@ -175,7 +190,7 @@ def load_feature_net(path: str | Path) -> FeatureNet:
 
 def feature_net_for(shards: str | list[str], num_classes: int, size: int, steps: int = 300, seed: int = 0,
                     width: int = 32, path: str | Path | None = None, device: str | torch.device = "cpu",
-                    progress: bool = True) -> FeatureNet:
+                    progress: bool = True, transform: SampleTransform | None = None) -> FeatureNet:
     """The feature net of a training split, trained once and reused.
 
     Default `path`: `feature-net.pt` next to the shards, reused while its meta matches every
@@ -199,7 +214,7 @@ def feature_net_for(shards: str | list[str], num_classes: int, size: int, steps:
             return net
         log.info("feature net %s was made for other %s: training a new one", path, ", ".join(stale))
     net = train_feature_net(shards, num_classes, size, steps=steps, seed=seed, width=width, device=device,
-                            progress=progress)
+                            progress=progress, transform=transform)
     try:
         save_feature_net(net, path)
         log.info("feature net saved to %s", path)

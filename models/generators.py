@@ -11,7 +11,7 @@ on top.
 
 from __future__ import annotations
 
-import logging
+import dataclasses
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ClassVar
@@ -34,9 +34,8 @@ from models.tokenizers.image import ImagePatches
 from models.tokenizers.shape import LatentSet
 from models.tokenizers.video import VideoPatches
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
-from models.training import OptimConfig, adamw_with_warmup, all_finite, rng_state, set_rng_state
+from models.training import OptimConfig, adamw_with_warmup, guarded_step, rng_state, set_rng_state
 
-log = logging.getLogger("duoflow.train")
 
 
 class FlowMatchingModule(L.LightningModule):
@@ -197,26 +196,8 @@ class FlowMatchingModule(L.LightningModule):
         return adamw_with_warmup(self.parameters(), self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        opt = self.optimizers()
-        sched = self.lr_schedulers()
         loss = self.loss(batch)
-        self.manual_backward(loss)
-        self.last_step_applied = all_finite(loss, self.parameters())
-        if self.last_step_applied:
-            if self.optim.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            sched.step()
-            self.nonfinite_streak = 0
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=len(batch[self.keys[0]]))
-        else:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
-                        self.global_step, self.nonfinite_streak)
-        opt.zero_grad(set_to_none=True)
-        self.log("train/skipped_steps", float(self.nonfinite_total), batch_size=len(batch[self.keys[0]]))
-        self.log("train/lr", sched.get_last_lr()[0], batch_size=len(batch[self.keys[0]]))
+        guarded_step(self, loss, batch_size=len(batch[self.keys[0]]))
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
@@ -483,6 +464,12 @@ class ShapeFlow(FlowMatchingModule):
             raise ValueError(f"ShapeFlow: tokenizer latents (K, d) = {tokenizer.latent_shape()} but the codec's "
                              f"autoencoder makes {codec.latent_shape}; drop model.init_args.tokenizer to follow the codec")
         super().__init__(tokenizer=tokenizer, conditioning=conditioning, codec=codec, **kwargs)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        codec = checkpoint.get("hyper_parameters", {}).get("codec")
+        if isinstance(codec, dict) and isinstance(codec.get("init_args"), dict):  # the decoder's sizes travel too
+            codec["init_args"]["autoencoder"] = dataclasses.asdict(self.codec.ae.cfg)
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         return save_meshes(x, out_dir, prefix)

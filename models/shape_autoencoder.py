@@ -13,7 +13,6 @@ Legend: B batch, N surface points, M query points, K latents, d latent dim.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 import lightning as L
@@ -22,9 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.codecs.shape import ShapeAEConfig, ShapeCodec
-from models.training import OptimConfig, adamw_with_warmup, all_finite, rng_state, set_rng_state
+from models.training import OptimConfig, adamw_with_warmup, guarded_step, rng_state, set_rng_state
 
-log = logging.getLogger("duoflow.train")
 
 
 def occupancy_iou(logits: Tensor, occ: Tensor) -> Tensor:
@@ -75,30 +73,13 @@ class ShapeAutoencoder(L.LightningModule):
         return adamw_with_warmup(self.parameters(), self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        opt, sched = self.optimizers(), self.lr_schedulers()
         out = self.losses(batch, sample=True)
         loss, b = out["loss"], len(batch["points"])
-        self.manual_backward(loss)
-        self.last_step_applied = all_finite(loss, self.parameters())
-        if self.last_step_applied:
-            if self.optim.grad_clip > 0:
-                self.clip_gradients(opt, gradient_clip_val=self.optim.grad_clip, gradient_clip_algorithm="norm")
-            opt.step()
-            sched.step()
+        if guarded_step(self, loss, batch_size=b):
             self.codec.update_latent_scale(out["mean"])
-            self.nonfinite_streak = 0
-            self.log("train/loss", loss.detach(), prog_bar=True, batch_size=b)
             self.log("train/iou", out["iou"].mean(), prog_bar=True, batch_size=b)
             self.log_dict({"train/bce": out["bce"].detach(), "train/kl": out["kl"].detach(),
                            "train/latent_scale": self.codec.latent_scale}, batch_size=b)
-        else:
-            self.nonfinite_streak += 1
-            self.nonfinite_total += 1
-            log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
-                        self.global_step, self.nonfinite_streak)
-        opt.zero_grad(set_to_none=True)
-        self.log("train/skipped_steps", float(self.nonfinite_total), batch_size=b)
-        self.log("train/lr", sched.get_last_lr()[0], batch_size=b)
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:

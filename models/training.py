@@ -1,8 +1,9 @@
-"""Training-step pieces every duoflow LightningModule needs, as plain functions (no Lightning here).
+"""Training-step pieces every duoflow LightningModule needs, as plain functions.
 
 - ``adamw_with_warmup``: AdamW with linear LR warm-up from an ``OptimConfig``, as Lightning's
   ``configure_optimizers`` returns it.
 - ``all_finite``: the collective non-finite check behind the skip-the-step guard.
+- ``guarded_step``: backward + (clip, step) or skip, with the counters and logs the guard callback reads.
 - ``rng_state`` / ``set_rng_state``: the global RNG streams, stored in checkpoints so a resumed
   run draws the same noise as an uninterrupted one.
 
@@ -11,6 +12,7 @@ Shared by ``FlowMatchingModule`` and ``ShapeAutoencoder``.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -20,6 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+log = logging.getLogger("duoflow.train")
 
 
 @dataclass
@@ -53,6 +57,33 @@ def all_finite(loss: Tensor, parameters: Iterable[nn.Parameter]) -> bool:
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item() > 0)
+
+
+def guarded_step(module: Any, loss: Tensor, batch_size: int) -> bool:
+    """Manual-optimization step of a LightningModule with `optim`, `nonfinite_streak`, `nonfinite_total`:
+    backward, then clip + optimizer + LR step only when loss and gradients are finite on every rank;
+    otherwise the update is skipped and counted (callbacks.guards stops a run of them). Returns
+    whether the update was applied (also `module.last_step_applied`)."""
+    opt, sched = module.optimizers(), module.lr_schedulers()
+    module.manual_backward(loss)
+    applied = all_finite(loss, module.parameters())
+    if applied:
+        if module.optim.grad_clip > 0:
+            module.clip_gradients(opt, gradient_clip_val=module.optim.grad_clip, gradient_clip_algorithm="norm")
+        opt.step()
+        sched.step()
+        module.nonfinite_streak = 0
+        module.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+    else:
+        module.nonfinite_streak += 1
+        module.nonfinite_total += 1
+        log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
+                    module.global_step, module.nonfinite_streak)
+    opt.zero_grad(set_to_none=True)
+    module.log("train/skipped_steps", float(module.nonfinite_total), batch_size=batch_size)
+    module.log("train/lr", sched.get_last_lr()[0], batch_size=batch_size)
+    module.last_step_applied = applied
+    return applied
 
 
 def rng_state() -> dict[str, Any]:

@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from app.__main__ import main
+from models.backbone import MMDiTConfig
 from tests.conftest import ROOT
 
 SHRINK = ["--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
@@ -85,7 +86,7 @@ def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) ->
     assert main(["evaluate", "--ckpt", str(ckpt), "--data", str(shards / "*.tar"), "--num", "12", "--steps", "2",
                  "--json", str(result)]) == 0
     metrics = json.loads(result.read_text())["metrics"]
-    assert set(metrics) == {"timbre_accuracy", "pitch_in_scale", "voiced_clips", "real_timbre_accuracy",
+    assert set(metrics) == {"mel_fd", "timbre_accuracy", "pitch_in_scale", "voiced_clips", "real_timbre_accuracy",
                             "real_pitch_in_scale"}
     assert metrics["real_timbre_accuracy"] >= 0.8 and metrics["voiced_clips"] <= 0.5  # real notes vs 2 steps of noise
 
@@ -93,10 +94,19 @@ def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) ->
 def test_shape_fit_on_latent_shards_and_samples_ply(tmp_path: Path, shape_latents) -> None:
     from models.media_shape import read_ply
 
+    import shutil
+
     ckpt, latents = shape_latents
+    ae = tmp_path / "ae.ckpt"
+    shutil.copy(ckpt, ae)
     out = fit_and_sample(tmp_path, "configs/shape/tiny.yaml", latents, "--data.batch_size", "8",
-                         "--model.init_args.codec.init_args.ckpt", str(ckpt),
+                         "--model.init_args.codec.init_args.ckpt", str(ae),
                          "--model.init_args.codec.init_args.resolution", "16")
+    ae.unlink()  # sampling needs the flow's checkpoint alone
+    again = tmp_path / "again"
+    assert main(["sample", "--ckpt", str(tmp_path / "runs/m/checkpoints/last.ckpt"), "--num", "2", "--steps", "2",
+                 "--out", str(again)]) == 0
+    assert len(list(again.glob("sample-*.ply"))) == 2
     meshes = sorted(out.glob("sample-*.ply"))
     assert len(meshes) == 2 and (out / "sample-grid.png").is_file()
     for mesh in meshes:
@@ -134,3 +144,43 @@ def test_audiovideo_fit_samples_mp4_with_sound_and_evaluates_sync(tmp_path: Path
     assert metrics["real_sync_offset_ms"] <= 6 and metrics["real_sync_f1"] == 1.0  # real clips: in sync
     assert metrics["sync_offset_ms"] >= 100  # 3 training steps, 2 ODE steps: out of sync
     assert evaluator_for(load_generator(ckpt)[0]) is SyncEvaluator
+
+
+def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
+    """Known answer: the held-out clips scored as if generated give mel_fd ~0 and the real accuracies."""
+    from app.evaluate import AudioEvaluator, read_samples
+    from models.generators import AudioFlow
+
+    shards = str(synthetic_shards("audio") / "*.tar")
+    evaluator = AudioEvaluator(AudioFlow(backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1,
+                                                              rope_axes=1)), shards, progress=False)
+    real = read_samples(shards, evaluator.transform(), 24)
+    reference = evaluator.reference(real)
+    perfect = evaluator.scores(evaluator.as_generated(real), real["cls"], reference)
+    assert abs(perfect["mel_fd"]) < 1e-6
+    assert perfect["timbre_accuracy"] == perfect["real_timbre_accuracy"] == 1.0
+    noise = [torch.randn_like(w).clamp(-1, 1) * 0.5 for w in real["x"]]
+    assert evaluator.scores(noise, real["cls"], reference)["mel_fd"] > 10 * max(perfect["mel_fd"], 1e-3)
+
+
+def test_video_evaluator_frame_fd_and_checker(synthetic_shards) -> None:
+    """Known answers: real clips scored as generated give frame_fd ~0 and the checker's real scores;
+    noise clips a large frame_fd and no valid frames. The feature net trains on the training frames."""
+    from app.evaluate import VideoEvaluator, evaluator_for, read_samples
+    from models.generators import VideoFlow
+    from models.tokenizers.video import VideoPatches
+
+    shards = str(synthetic_shards("video") / "*.tar")
+    model = VideoFlow(tokenizer=VideoPatches(size=16, frames=8, patch=2, tpatch=2),
+                      backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=3))
+    assert evaluator_for(model) is VideoEvaluator
+    evaluator = VideoEvaluator(model, shards, progress=False, feature_steps=30)
+    assert evaluator.net.meta["train_samples"] > 48  # frames, not clips
+    real = read_samples(shards, evaluator.transform(), 24)
+    reference = evaluator.reference(real)
+    perfect = evaluator.scores(evaluator.as_generated(real), real["cls"], reference)
+    assert abs(perfect["frame_fd"]) < 1e-6
+    assert perfect["shape_accuracy"] == perfect["real_shape_accuracy"] >= 0.9
+    noise = [torch.rand_like(c) * 2 - 1 for c in real["x"]]
+    worst = evaluator.scores(noise, real["cls"], reference)
+    assert worst["frame_fd"] > 1.0 and worst["valid_frames"] == 0.0

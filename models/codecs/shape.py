@@ -183,29 +183,35 @@ class ShapeLatents(nn.Module):
     ``encode`` is the identity: the shards already hold scaled latents (B, K, d), what
     ``ShapeCodec.encode`` returns. ``decode`` turns generated latents into occupancy grids with the
     autoencoder of ``ckpt``. Its weights are frozen and travel in the flow's checkpoint too, so a
-    flow samples with the very decoder it was trained for; the file at ``ckpt`` must still exist when
-    the flow is loaded, since it gives the decoder's sizes.
+    flow samples with the very decoder it was trained for, and its checkpoint records the decoder's
+    sizes, so the file at ``ckpt`` is only needed for training.
     """
 
-    def __init__(self, ckpt: str, resolution: int = 32) -> None:
+    def __init__(self, ckpt: str | None = None, resolution: int = 32, autoencoder: dict | None = None) -> None:
         """
         Args:
             ckpt: ShapeAutoencoder checkpoint (``python -m app fit --config configs/shape/autoencoder.yaml``)
                 whose encoder wrote the latent shards.
             resolution: Side R of the occupancy grid that samples are decoded on (marching cubes runs on it).
+            autoencoder: The autoencoder's ShapeAEConfig as a dict, used when ``ckpt`` is gone: a flow
+                checkpoint records it (ShapeFlow.on_save_checkpoint) and holds the decoder's weights, so
+                ``app sample`` needs the flow's checkpoint alone.
         """
         from models.shape_autoencoder import load_shape_codec  # here: that module imports models.generators
 
         super().__init__()
-        if not Path(ckpt).is_file():
-            raise FileNotFoundError(f"ShapeLatents: no such checkpoint {ckpt!r}; expected the ShapeAutoencoder .ckpt "
-                                    "that encoded the latent shards (model.init_args.codec.init_args.ckpt)")
         if resolution < 2:
             raise ValueError(f"ShapeLatents: resolution={resolution}, expected at least 2 grid points per side")
         self.resolution = resolution
         # frozen: requires_grad False, so neither the optimizer nor EMA touch it (train/eval mode changes
         # nothing: the codec has no dropout or batch norm)
-        self.ae = load_shape_codec(ckpt)
+        if ckpt is not None and Path(ckpt).is_file():
+            self.ae = load_shape_codec(ckpt)
+        elif autoencoder is not None:  # weights follow from the flow checkpoint's state dict
+            self.ae = ShapeCodec(ShapeAEConfig(**autoencoder)).eval().requires_grad_(False)
+        else:
+            raise FileNotFoundError(f"ShapeLatents: no such checkpoint {ckpt!r}; expected the ShapeAutoencoder .ckpt "
+                                    "that encoded the latent shards (model.init_args.codec.init_args.ckpt)")
 
     @property
     def latent_shape(self) -> tuple[int, int]:
