@@ -621,8 +621,8 @@ def main(argv: list[str]) -> int:
           f"ODE steps {result['steps']}, cfg {result['cfg_scale']}")
     print_table(columns, evaluator.descriptions)
     if args.real_reference:
-        print("real reference: N training samples scored as if generated (the floor of fid; its cas is the accuracy "
-              "on samples the feature net was trained on, so compare cas with real_acc)")
+        print("real reference: N training samples scored as if generated (the floor of the distances; a classifier's "
+              "accuracy on them is measured on its own training data, so compare it with the real_ ceiling instead)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
