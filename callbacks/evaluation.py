@@ -51,7 +51,8 @@ class Evaluation(L.Callback):
         self.last_scores: dict[str, float] = {}
 
     def setup_evaluator(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from app.evaluate import evaluator_for, read_samples
+        from app.evaluators import evaluator_for
+        from datamodules.shards import read_samples
 
         train_shards = getattr(trainer.datamodule, "train_shards", None)
         if train_shards is None:

@@ -495,3 +495,21 @@ class ShardDataModule(lightning.LightningDataModule):
             return {"epoch": state["epoch"] + 1, "done": [0] * workers}
         log.info("resuming the training stream at epoch %d after %d batches", state["epoch"], sum(state["done"]))
         return {"epoch": state["epoch"], "done": list(state["done"])}
+
+
+def read_samples(shards: str | list[str], transform: SampleTransform, num: int) -> dict[str, Any]:
+    """The first `num` samples of the shards (in shard order), transformed and batched into one dict."""
+    data = ShardDataModule(shards, transform=transform, batch_size=min(256, num), num_workers=0)
+    batches, n = [], 0
+    for batch in data.val_pipeline(expand_shards(shards), rank=0, world_size=1):
+        batches.append(batch)
+        n += len(batch["__key__"])
+        if n >= num:
+            break
+    if not batches:
+        raise ValueError(f"shards {shards!r} hold no readable samples")
+    out = {}
+    for key, first in batches[0].items():
+        parts = [b[key] for b in batches]
+        out[key] = torch.cat(parts)[:num] if isinstance(first, torch.Tensor) else [v for p in parts for v in p][:num]
+    return out

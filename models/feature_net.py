@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
-from datamodules.shards import ShardDataModule, expand_shards
+from datamodules.shards import expand_shards, read_samples
 from datamodules.transforms import ImageTransform, SampleTransform
 from models.metrics import accuracy
 
@@ -99,18 +99,9 @@ def read_images(shards: str | list[str], size: int, limit: int = MAX_TRAIN_SAMPL
     """Up to `limit` images of the shards, in shard order: ((N, 3, size, size) in [-1, 1], (N,) labels).
 
     `transform` reads the samples (default ImageTransform(size)); clips give their frames (as_frames)."""
-    data = ShardDataModule(shards, transform=transform or ImageTransform(size=size), batch_size=64, num_workers=0)
-    xs, labels, n = [], [], 0
-    for batch in data.val_pipeline(expand_shards(shards), rank=0, world_size=1):
-        x, y = as_frames(batch["x"], batch["cls"])
-        xs.append(x)
-        labels.append(y)
-        n += len(x)
-        if n >= limit:
-            break
-    if not xs:
-        raise ValueError(f"shards {shards!r} hold no readable images")
-    return torch.cat(xs)[:limit], torch.cat(labels)[:limit]
+    samples = read_samples(shards, transform or ImageTransform(size=size), limit)
+    x, labels = as_frames(samples["x"], samples["cls"])
+    return x[:limit], labels[:limit]
 
 
 def shard_signature(shards: str | list[str]) -> list[list]:

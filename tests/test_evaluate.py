@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from app.__main__ import main
-from app.evaluate import ImageEvaluator, conditions_for, read_samples
+from app.evaluate import conditions_for
+from app.evaluators import ImageEvaluator
+from datamodules.shards import read_samples
 from app.sample import load_generator
 from datamodules.synthetic import write_synthetic
 from models.feature_net import feature_net_for, load_feature_net, read_images

@@ -75,7 +75,7 @@ def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthet
 
 
 def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) -> None:
-    from app.evaluate import AudioEvaluator, evaluator_for
+    from app.evaluators import AudioEvaluator, evaluator_for
     from models.generators import AudioFlow
 
     assert evaluator_for(AudioFlow()) is AudioEvaluator
@@ -124,7 +124,7 @@ def test_shape_fit_on_latent_shards_and_samples_ply(tmp_path: Path, shape_latent
 
 
 def test_audiovideo_fit_samples_mp4_with_sound_and_evaluates_sync(tmp_path: Path, synthetic_shards) -> None:
-    from app.evaluate import SyncEvaluator, evaluator_for
+    from app.evaluators import SyncEvaluator, evaluator_for
     from app.sample import load_generator
     from models.media import read_mp4
 
@@ -148,7 +148,8 @@ def test_audiovideo_fit_samples_mp4_with_sound_and_evaluates_sync(tmp_path: Path
 
 def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
     """Known answer: the held-out clips scored as if generated give mel_fd ~0 and the real accuracies."""
-    from app.evaluate import AudioEvaluator, read_samples
+    from app.evaluators import AudioEvaluator
+    from datamodules.shards import read_samples
     from models.generators import AudioFlow
 
     shards = str(synthetic_shards("audio") / "*.tar")
@@ -166,7 +167,8 @@ def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
 def test_video_evaluator_frame_fd_and_checker(synthetic_shards) -> None:
     """Known answers: real clips scored as generated give frame_fd ~0 and the checker's real scores;
     noise clips a large frame_fd and no valid frames. The feature net trains on the training frames."""
-    from app.evaluate import VideoEvaluator, evaluator_for, read_samples
+    from app.evaluators import VideoEvaluator, evaluator_for
+    from datamodules.shards import read_samples
     from models.generators import VideoFlow
     from models.tokenizers.video import VideoPatches
 

@@ -406,7 +406,9 @@ def test_shape_flow_is_permutation_equivariant_and_its_codec_frozen(shape_latent
 
 
 def test_shape_evaluator_scores_real_shapes_as_perfect(shape_latents, synthetic_shards) -> None:
-    from app.evaluate import ShapeEvaluator, evaluate_generator, read_samples
+    from app.evaluate import evaluate_generator
+    from app.evaluators import ShapeEvaluator
+    from datamodules.shards import read_samples
 
     ckpt, latents = shape_latents
     flow = tiny_shape_flow(ckpt)
