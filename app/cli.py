@@ -128,7 +128,9 @@ class DuoflowCLI(LightningCLI):
 
     def instantiate_trainer(self, **kwargs: Any) -> Any:
         trainer = super().instantiate_trainer(**kwargs)
-        ckpt_dir = str(self.run_dir / "checkpoints")
+        # absolute, as Lightning makes a dirpath given to ModelCheckpoint: the dirpath is stored in the
+        # checkpoint, and a resume whose dirpath differs (e.g. relative vs absolute) writes last-v1.ckpt
+        ckpt_dir = os.path.realpath(self.run_dir / "checkpoints")
         for cb in trainer.callbacks:
             if isinstance(cb, ModelCheckpoint):
                 if cb.dirpath is None:

@@ -4,6 +4,9 @@ its last steps)."""
 
 from __future__ import annotations
 
+import os
+from typing import Any
+
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 
@@ -26,3 +29,22 @@ class RunCheckpoint(ModelCheckpoint):
         if trainer.global_step > 0 and self._last_global_step_saved != trainer.global_step:
             self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
             self._last_global_step_saved = trainer.global_step
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Lightning restores last_model_path only when the stored dirpath equals ours as a string; a run
+        saved with a relative dirpath and resumed with an absolute one would otherwise write last-v1.ckpt
+        beside a stale last.ckpt. Same folder = same run."""
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and os.path.realpath(saved) == os.path.realpath(self.dirpath):
+
+            def here(path: str) -> str:  # a file of that folder, named the way this run names it
+                same = path and os.path.realpath(os.path.dirname(path)) == os.path.realpath(saved)
+                return os.path.join(self.dirpath, os.path.basename(path)) if same else path
+
+            state_dict = {
+                **state_dict, "dirpath": self.dirpath,
+                **{k: here(state_dict[k]) for k in ("last_model_path", "best_model_path", "kth_best_model_path")
+                   if k in state_dict},
+                "best_k_models": {here(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)

@@ -117,3 +117,33 @@ def test_print_config_shows_resolved_options(capsys: pytest.CaptureFixture) -> N
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
     assert "dim: 96" in out and "models.generators.ImageFlow" in out and "train_shards" in out
+
+
+def test_resume_from_checkpoint_alone_keeps_writing_last_ckpt(tmp_path: Path, image_shards: Path,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """A run started with a RELATIVE runs_dir, resumed from its checkpoint file alone (which resolves the
+    run directory to an absolute path), must go on writing last.ckpt, not a stray last-v1.ckpt that a later
+    `--ckpt_path last` would skip (resuming from the stale last.ckpt and losing the steps in between)."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["fit", "--config", TINY, *SMALL, "--runs_dir", "runs", "--name", "rel", "--trainer.max_steps", "4",
+                 "--trainer.logger", "false", "--data.train_shards", str(image_shards / "*.tar")]) == 0
+    ckpts = tmp_path / "runs/rel/checkpoints"
+    assert main(["fit", "--ckpt_path", str(ckpts / "last.ckpt"), "--trainer.max_steps", "7"]) == 0
+    assert not list(ckpts.glob("last-v*.ckpt"))
+    assert torch.load(ckpts / "last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 7
+
+
+def test_checkpoint_state_saved_with_a_relative_dirpath_still_restores(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checkpoints written before dirpaths were made absolute stored them relative: same folder, same run."""
+    from callbacks.checkpoint import RunCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    cb = RunCheckpoint(dirpath=str(tmp_path / "runs/r/checkpoints"))
+    state = cb.state_dict()
+    state.update(dirpath="runs/r/checkpoints", last_model_path="runs/r/checkpoints/last.ckpt",
+                 best_k_models={"runs/r/checkpoints/step00000004.ckpt": 4})
+    cb.load_state_dict(state)
+    # restored under this run's (absolute) names: Lightning then keeps writing last.ckpt and rotating step files
+    assert cb.last_model_path == str(tmp_path / "runs/r/checkpoints/last.ckpt")
+    assert list(cb.best_k_models) == [str(tmp_path / "runs/r/checkpoints/step00000004.ckpt")]
