@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import RMSNorm, attention
+from models.attention import RMSNorm, attention, rms_norm
 from models.packing import Layout
 from models.rope import apply_rope
 
@@ -27,7 +27,8 @@ Rope = tuple[Tensor, Tensor]
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
-    return x * (1 + scale) + shift
+    """x * (1 + scale) + shift, one pass over x (addcmul) instead of two."""
+    return torch.addcmul(shift, x, 1 + scale)
 
 
 def _init_linears(module: nn.Module) -> None:
@@ -81,13 +82,20 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-def _qk(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Rope | None) -> tuple[Tensor, Tensor, Tensor]:
-    """(B, N, 3C) -> q, k, v each (B, N, H, D), with QK-norm then RoPE applied to q and k."""
-    q, k, v = rearrange(qkv, "b n (three h d) -> three b n h d", three=3, h=heads)
-    q, k = q_norm(q), k_norm(k)
+def _qkv(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Rope | None) -> tuple[Tensor, Tensor]:
+    """(B, N, 3C) -> qk (B, N, 2, H, D) after QK-norm then RoPE, and v (B, N, H, D).
+
+    q and k go through the norm and the rotation as one tensor (half the kernel launches, each
+    with its own norm weight) and stay in float32 between the two: one cast back at the end.
+    """
+    qkv = qkv.unflatten(-1, (3, heads, -1))
+    qk, v = qkv.split([2, 1], dim=2)  # split, not slices: its backward is one cat, not zero-fills
+    v = v.squeeze(2)
+    if isinstance(q_norm, RMSNorm) and isinstance(k_norm, RMSNorm):
+        qk = rms_norm(qk, torch.stack([q_norm.weight, k_norm.weight])[:, None], q_norm.eps)  # weights (2, 1, D)
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-    return q, k, v
+        qk = apply_rope(qk, *rope, out_dtype=v.dtype)
+    return qk.to(v.dtype), v
 
 
 class StreamLayers(nn.Module):
@@ -133,15 +141,16 @@ class DualStreamBlock(nn.Module):
         if len(xs) != len(self.streams) or len(rope) != len(self.streams):
             raise ValueError(f"DualStreamBlock: expected {len(self.streams)} streams, got {len(xs)} xs and {len(rope)} rope")
         c = F.silu(c)
-        mods, qs, ks, vs = [], [], [], []
+        mods, qks, vs = [], [], []
         for s, (x, p) in enumerate(zip(xs, self.streams)):
             mod = layout.expand(p.mod(c), s).chunk(6, dim=-1)  # 6 x (B, 1|N_s, C)
             mods.append(mod)
             h = modulate(p.norm1(x), mod[0], mod[1])
-            q, k, v = _qk(p.qkv(h), self.heads, p.q_norm, p.k_norm, rope[s])
-            qs.append(q), ks.append(k), vs.append(v)
+            qk, v = _qkv(p.qkv(h), self.heads, p.q_norm, p.k_norm, rope[s])
+            qks.append(qk), vs.append(v)
 
-        q, k, v = layout.join(qs), layout.join(ks), layout.join(vs)  # (B, N, H, D)
+        q, k = layout.join(qks).unbind(2)  # (B, N, H, D) each
+        v = layout.join(vs)
         a = attention(q, k, v, seqlens=layout.joint_seqlens(), backend=self.attn_backend)
         a = rearrange(a, "b n h d -> b n (h d)")
         attn_out = layout.split(a, sizes=[x.shape[1] for x in xs])
@@ -149,8 +158,8 @@ class DualStreamBlock(nn.Module):
         out = []
         for x, a, p, mod in zip(xs, attn_out, self.streams, mods):
             _, _, gate1, shift2, scale2, gate2 = mod
-            x = x + gate1 * p.proj(a)
-            x = x + gate2 * p.mlp(modulate(p.norm2(x), shift2, scale2))
+            x = torch.addcmul(x, gate1, p.proj(a))  # x + gate1 * proj(a), one pass
+            x = torch.addcmul(x, gate2, p.mlp(modulate(p.norm2(x), shift2, scale2)))
             out.append(x)
         return out
 
@@ -181,7 +190,7 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = self.mod(F.silu(c_tok)).chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * self.dim, self.hidden], dim=-1)
-        q, k, v = _qk(qkv, self.heads, self.q_norm, self.k_norm, rope)
-        a = attention(q, k, v, seqlens=seqlens, backend=self.attn_backend)
+        qk, v = _qkv(qkv, self.heads, self.q_norm, self.k_norm, rope)
+        a = attention(*qk.unbind(2), v, seqlens=seqlens, backend=self.attn_backend)
         a = rearrange(a, "b n h d -> b n (h d)")
-        return x + gate * self.linear2(torch.cat([a, self.act(mlp)], dim=-1))
+        return torch.addcmul(x, gate, self.linear2(torch.cat([a, self.act(mlp)], dim=-1)))

@@ -13,7 +13,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-from einops import rearrange
 from torch import Tensor
 
 
@@ -43,8 +42,10 @@ def rope_cos_sin(pos: Tensor, axes_dims: Sequence[int], theta: float = 10000.0) 
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate consecutive pairs of x (B, N, H, D) by cos/sin (B, N, D//2); computed in >= float32."""
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
+    """Rotate consecutive pairs of x (B, N, ..., D) by cos/sin (B, N, D//2), broadcast over the dims
+    between N and D (heads; q and k together); computed in >= float32, returned in `out_dtype`
+    (default x's dtype)."""
     if cos.shape[-1] * 2 != x.shape[-1]:
         raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
     dtype = torch.promote_types(x.dtype, torch.float32)
@@ -52,7 +53,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     # over heads, so the full-size tensor sees two multiplies and one add (no stack/cat of it).
     cos, sin = cos.to(dtype), sin.to(dtype)
     rot = torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))  # (B, N, D/2, 2, 2)
-    rot = rearrange(rot, "b n d i j -> b n 1 d i j")
-    pairs = x.to(dtype).unflatten(-1, (-1, 1, 2))  # (B, N, H, D/2, 1, 2)
-    out = rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]  # (B, N, H, D/2, 2)
-    return out.flatten(-2).to(x.dtype)
+    rot = rot.reshape(*rot.shape[:2], *[1] * (x.ndim - 3), *rot.shape[2:])  # (B, N, 1.., D/2, 2, 2)
+    pairs = x.to(dtype).unflatten(-1, (-1, 1, 2))  # (B, N, ..., D/2, 1, 2)
+    out = rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]  # (B, N, ..., D/2, 2)
+    return out.flatten(-2).to(out_dtype or x.dtype)

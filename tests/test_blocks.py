@@ -23,6 +23,15 @@ def _perturb_modulation(module: nn.Module, seed: int = 0) -> None:
                 p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.2)
 
 
+def _perturb_qk_norms(module: nn.Module, seed: int = 1) -> None:
+    """Distinct q and k norm weights, so a swapped or shared weight shows in the output."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            if name.split(".")[-2] in ("q_norm", "k_norm"):
+                p.copy_(1 + torch.randn(p.shape, generator=g, dtype=p.dtype) * 0.3)
+
+
 def _rope(b: int, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return rope_cos_sin(torch.randint(0, 16, (b, n, len(AXES)), generator=g), AXES)
@@ -89,6 +98,7 @@ def test_dual_stream_block_matches_reference() -> None:
     torch.manual_seed(2)
     block = DualStreamBlock(C, HEADS, n_streams=2, attn_backend="sdpa").double()
     _perturb_modulation(block)
+    _perturb_qk_norms(block)
     xs = [torch.randn(2, 5, C, dtype=torch.float64), torch.randn(2, 3, C, dtype=torch.float64)]
     c = torch.randn(2, C, dtype=torch.float64)
     rope = [_rope(2, 5, 3), None]
@@ -115,6 +125,7 @@ def test_single_stream_block_matches_reference() -> None:
     torch.manual_seed(3)
     block = SingleStreamBlock(C, HEADS, attn_backend="sdpa").double()
     _perturb_modulation(block)
+    _perturb_qk_norms(block)
     x, c = torch.randn(2, 7, C, dtype=torch.float64), torch.randn(2, 1, C, dtype=torch.float64)
     rope = _rope(2, 7, 4)
     shift, scale, gate = (torch.nn.functional.silu(c) @ block.mod.weight.T + block.mod.bias).chunk(3, -1)
@@ -155,6 +166,7 @@ def test_single_stream_block_packed_equals_per_sample() -> None:
     torch.manual_seed(1)
     block = SingleStreamBlock(C, HEADS, attn_backend="sdpa").double()
     _perturb_modulation(block)
+    _perturb_qk_norms(block)
     seqlens = [5, 2, 6]
     layout = Layout.packed([seqlens])
     x = torch.randn(1, sum(seqlens), C, dtype=torch.float64)
