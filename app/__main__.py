@@ -61,6 +61,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     from app.cli import UserError
+    from callbacks.guards import TrainingDiverged
     from datamodules.shards import TooManyBadSamples
 
     try:
@@ -81,6 +82,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {message}", file=sys.stderr)
         print("(set DUOFLOW_TRACEBACK=1 for the full traceback)", file=sys.stderr)
         return 2
+    except TrainingDiverged as e:  # checkpoints are written; the run failed, so say so in the exit code
+        print(f"error: {e}", file=sys.stderr)
+        return 3
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ A process killed while saving leaves the previous checkpoint intact and loadable
 
 from __future__ import annotations
 
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -32,6 +33,16 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    remove_stale_temporaries(path)
+
+
+def remove_stale_temporaries(path: Path) -> list[Path]:
+    """Delete the temporary files an earlier save of `path` left when its process was killed mid-write
+    (one writer per checkpoint path, so after our own save completed any other is stale)."""
+    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return stale
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):

@@ -204,6 +204,11 @@ def run_lightning(args: list[str]) -> None:
     argv = sys.argv
     sys.argv = [argv[0], *args]  # LightningCLI reads sys.argv; passing both makes it warn
     try:
-        DuoflowCLI()
+        cli = DuoflowCLI()
     finally:
         sys.argv = argv
+    from callbacks.guards import NonFiniteGuard, TrainingDiverged
+
+    for cb in getattr(getattr(cli, "trainer", None), "callbacks", []):
+        if isinstance(cb, NonFiniteGuard) and cb.tripped:
+            raise TrainingDiverged(cb.message)

@@ -15,6 +15,11 @@ import lightning as L
 log = logging.getLogger("duoflow.guards")
 
 
+class TrainingDiverged(RuntimeError):
+    """Raised by the CLI after `fit` returns when a NonFiniteGuard stopped the run, so the process
+    exits non-zero (a scheduler or script sees a failed run, not a finished one)."""
+
+
 class NonFiniteGuard(L.Callback):
     def __init__(self, max_consecutive: int = 20):
         """
@@ -23,6 +28,7 @@ class NonFiniteGuard(L.Callback):
         """
         self.max_consecutive = max_consecutive
         self.tripped = False
+        self.message = ""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
         streak = getattr(pl_module, "nonfinite_streak", 0)
@@ -31,7 +37,7 @@ class NonFiniteGuard(L.Callback):
         self.tripped = True
         path = Path(trainer.default_root_dir) / "checkpoints" / "last-good.ckpt"
         trainer.save_checkpoint(path)
-        msg = (f"stopping: {streak} non-finite losses/gradients in a row at step {trainer.global_step} "
+        msg = self.message = (f"stopping: {streak} non-finite losses/gradients in a row at step {trainer.global_step} "
                f"(lower the learning rate or check the data); last good weights saved to {path}")
         log.error(msg)
         trainer.should_stop = True

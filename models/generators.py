@@ -100,6 +100,11 @@ class FlowMatchingModule(L.LightningModule):
         self.last_step_applied = False
         self.nonfinite_streak = 0
         self.nonfinite_total = 0
+        self.noise_seed: int | None = None
+        """Base seed of the training noise, agreed by all ranks at fit start and kept in checkpoints."""
+        self.noise_draws = 0
+        """Training batches drawn so far (the third part of each batch's noise seed)."""
+        self._noise_gen: torch.Generator | None = None
         self.last_lengths: list[int] = []
         """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
@@ -169,18 +174,19 @@ class FlowMatchingModule(L.LightningModule):
     def conditions(batch: dict[str, Any]) -> dict[str, Any]:
         return {k: batch[k] for k in ("cls", "txt") if k in batch}
 
-    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> Tensor:
+    def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = True) -> Tensor:
         """Mean over samples of the squared velocity error, summed over generated streams.
 
-        generator=None: training (global RNG, condition dropout); a generator: the same t and noise
-        every time and no dropout (validation)."""
+        t, noise and (with `dropout`) the condition-dropout mask are drawn from `generator` on its
+        device (None: the global RNG): training passes `noise_generator()`, validation a fixed CPU
+        seed and no dropout."""
         xs = self.tokens(batch)
         s, device = xs[0].num_samples, xs[0].x.device
-        t = flow.shift_t(self.timesteps(s, generator=generator).to(device), self.shift)
-        eps = [torch.randn(x.x.shape, generator=generator).to(x.x) if generator is not None else torch.randn_like(x.x)
-               for x in xs]
-        if generator is None:
-            drop = flow.drop_mask(s, self.cond_drop, device=device)
+        on = generator.device if generator is not None else device
+        t = flow.shift_t(self.timesteps(s, generator=generator, device=on).to(device), self.shift)
+        eps = [torch.randn(x.x.shape, generator=generator, device=on).to(x.x) for x in xs]
+        if dropout:
+            drop = flow.drop_mask(s, self.cond_drop, generator=generator, device=on).to(device)
         else:
             drop = torch.zeros(s, dtype=torch.bool, device=device)
         x_t = [x.with_x(flow.interpolate(x.x, e, x.per_token(t))) for x, e in zip(xs, eps)]
@@ -190,31 +196,54 @@ class FlowMatchingModule(L.LightningModule):
         )
         return per_sample.mean()
 
+    def noise_generator(self) -> torch.Generator:
+        """The generator of this training batch's t, noise and condition dropout, on the model's device.
+
+        Seeded from (noise_seed, rank, batch count): every rank draws its own noise (one global RNG
+        seeded alike on every rank, as `seed_everything` does, would give every rank the same t and
+        noise), and a resumed run draws exactly what the uninterrupted one would, with no generator
+        state to save beyond the counter.
+        """
+        if self.noise_seed is None:
+            self.noise_seed = torch.initial_seed()
+        if self._noise_gen is None or self._noise_gen.device != self.device:
+            self._noise_gen = torch.Generator(device=self.device)
+        self._noise_gen.manual_seed(flow.noise_seed(self.noise_seed, self.global_rank, self.noise_draws))
+        self.noise_draws += 1
+        return self._noise_gen
+
+    def on_fit_start(self) -> None:
+        if self.noise_seed is None:  # a fresh run: every rank takes rank 0's seed (resumes load it)
+            self.noise_seed = int(self.trainer.strategy.broadcast(torch.initial_seed(), src=0))
+
     # ---- training ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(self.parameters(), self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        loss = self.loss(batch)
+        loss = self.loss(batch, self.noise_generator())
         guarded_step(self, loss, batch_size=len(batch[self.keys[0]]))
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)  # same t and noise every validation
-        loss = self.loss(batch, generator=gen)
+        loss = self.loss(batch, gen, dropout=False)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[self.keys[0]]), sync_dist=True)
         return loss
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
-        # t, noise and condition dropout come from the global RNGs: a resumed run continues their streams
-        checkpoint["duoflow_rng"] = rng_state()
+        checkpoint["duoflow_noise"] = {"seed": self.noise_seed, "draws": self.noise_draws}
+        checkpoint["duoflow_rng"] = rng_state()  # the global RNGs too, for anything else that draws from them
         if getattr(self, "duoflow_config", None):
             checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
+        noise = checkpoint.get("duoflow_noise")
+        if noise and self._trainer is not None:
+            self.noise_seed, self.noise_draws = noise["seed"], int(noise["draws"])
         rng = checkpoint.get("duoflow_rng")
         if rng and self._trainer is not None:  # resuming a fit, not loading weights for sampling
             set_rng_state(rng)

@@ -147,3 +147,16 @@ def test_checkpoint_state_saved_with_a_relative_dirpath_still_restores(tmp_path:
     # restored under this run's (absolute) names: Lightning then keeps writing last.ckpt and rotating step files
     assert cb.last_model_path == str(tmp_path / "runs/r/checkpoints/last.ckpt")
     assert list(cb.best_k_models) == [str(tmp_path / "runs/r/checkpoints/step00000004.ckpt")]
+
+
+def test_a_diverged_run_exits_3_after_saving_the_last_good_state(tmp_path: Path, image_shards: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    """NonFiniteGuard stops the run cleanly, and the process says it failed (a scheduler must not take
+    it for a finished run)."""
+    code = fit(tmp_path, image_shards, "--name", "nan", "--trainer.max_steps", "100",
+               "--model.class_path", "tests.test_reliability_numerics.FaultyFlow", "--model.init_args.nan_from", "2")
+    assert code == 3
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("error: stopping: 20 non-finite losses/gradients in a row at step 2"), err[-3:]
+    good = torch.load(tmp_path / "runs/nan/checkpoints/last-good.ckpt", map_location="cpu", weights_only=False)
+    assert good["global_step"] == 2

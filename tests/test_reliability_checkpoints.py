@@ -14,6 +14,7 @@ import torch
 from safetensors import safe_open
 
 from app.__main__ import main
+from app.checkpoint_io import atomic_torch_save
 from app.export import load_exported
 from app.sample import load_generator
 from callbacks.checkpoint import RunCheckpoint
@@ -49,6 +50,17 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path: Path)
     assert proc.returncode == -signal.SIGKILL
     ckpt = torch.load(path, weights_only=True)
     assert ckpt["i"] >= 2 and ckpt["blob"][0] == ckpt["i"] and torch.equal(ckpt["blob"].sum(), ckpt["sum"])
+    # the killed save left its temporary file; the next save of the same checkpoint removes it
+    assert len(list(path.parent.glob(".last.ckpt.*.tmp"))) <= 1
+    atomic_torch_save({"i": -1}, path)
+    assert not list(path.parent.glob(".*.tmp")) and torch.load(path, weights_only=True) == {"i": -1}
+
+
+def test_a_save_removes_the_temporaries_of_killed_saves_of_that_file_only(tmp_path: Path) -> None:
+    stale, other = tmp_path / ".last.ckpt.k1ll3d.tmp", tmp_path / ".step=10.ckpt.k1ll3d.tmp"
+    stale.write_bytes(b"half a checkpoint"), other.write_bytes(b"another file's save")
+    atomic_torch_save({"i": 1}, tmp_path / "last.ckpt")
+    assert not stale.exists() and other.exists()
 
 
 class Linear(L.LightningModule):

@@ -50,9 +50,12 @@ class FaultyFlow(ImageFlow):
         super().__init__(**kwargs)
         self.nan_loss, self.nan_grad, self.rank, self.nan_from = set(nan_loss), set(nan_grad), rank, nan_from
         self.batches = 0
+        self.noise_seeds: list[int] = []
 
-    def loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        loss = super().loss(batch)
+    def loss(self, batch: dict[str, Any], *args: Any, **kwargs: Any) -> torch.Tensor:
+        loss = super().loss(batch, *args, **kwargs)
+        if args and self.training:
+            self.noise_seeds.append(args[0].initial_seed())  # the seed of this batch's t, noise and dropout
         i, self.batches = self.batches, self.batches + 1
         if self.rank is not None and self.global_rank != self.rank:
             return loss
@@ -172,13 +175,14 @@ if __name__ == "__main__":
     ema = next(c for c in trainer.callbacks if isinstance(c, EMA))
     torch.save({{"params": dict(model.named_parameters()), "ema": ema.shadow, "applied": snaps.applied,
                 "keys": batches.keys, "step": trainer.global_step, "skipped": model.nonfinite_total,
-                "epochs": trainer.current_epoch}},
+                "epochs": trainer.current_epoch, "noise_seeds": model.noise_seeds, "noise_base": model.noise_seed}},
                f"{out}/rank{{trainer.global_rank}}.pt")
 """
 
 
 def test_ddp_nan_on_one_rank_skips_on_all(tmp_path: Path) -> None:
-    """2 gloo ranks, unequal shards: the skip is collective, parameters stay identical, nothing hangs."""
+    """2 gloo ranks, unequal shards: the skip is collective, parameters stay identical, nothing hangs,
+    and each rank draws its own training noise."""
     shards = tmp_path / "shards"
     write_synthetic("image", str(shards), num=45, shard_size=20, seed=0, image_size=16, progress=False)
     script = tmp_path / "ddp_fit.py"
@@ -193,3 +197,6 @@ def test_ddp_nan_on_one_rank_skips_on_all(tmp_path: Path) -> None:
     # 45 // (4 * 2) = 5 batches per rank per epoch: the first epoch ended on both ranks at the same batch
     assert len(r0["keys"]) == len(r1["keys"]) == 10 and r0["epochs"] == r1["epochs"] == 2
     assert not set(map(tuple, r0["keys"])) & set(map(tuple, r1["keys"]))  # ranks read different data
+    # ... and draw different t and noise: one base seed agreed by both, then a seed per (rank, batch)
+    assert r0["noise_base"] == r1["noise_base"] and len(r0["noise_seeds"]) == len(r1["noise_seeds"]) == 10
+    assert len(set(r0["noise_seeds"]) | set(r1["noise_seeds"])) == 20
