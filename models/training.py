@@ -52,7 +52,10 @@ def all_finite(loss: Tensor, parameters: Iterable[nn.Parameter]) -> bool:
     ok = torch.isfinite(loss.detach()).all()
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
-        ok = ok & torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all()
+        # one fused norm per (device, dtype) group instead of a kernel per tensor; float32 so fp16 grads
+        # cannot overflow the norm itself
+        norms = torch._foreach_norm([g.detach() for g in grads], 2, dtype=torch.float32)
+        ok = ok & torch.isfinite(torch.stack(norms)).all()
     ok = ok.float().reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
