@@ -15,7 +15,6 @@ import math
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
-import numpy as np
 import torch
 from torch import Tensor
 
@@ -162,12 +161,6 @@ class UShapedT(TimestepSampler):
         u = torch.rand(n, generator=generator, device=device)
         t = 0.5 + torch.asinh((2 * u - 1) * math.sinh(self.a / 2)) / self.a
         return _open_unit(t)
-
-
-def noise_seed(base: int, rank: int, draw: int) -> int:
-    """A 63-bit seed for (run seed, rank, draw), well mixed (numpy's SeedSequence) so neighbouring
-    ranks and draws get unrelated streams."""
-    return int(np.random.SeedSequence([base % 2**64, rank, draw]).generate_state(1, dtype=np.uint64)[0] >> 1)
 
 
 def drop_mask(

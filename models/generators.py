@@ -34,11 +34,11 @@ from models.tokenizers.image import ImagePatches
 from models.tokenizers.shape import LatentSet
 from models.tokenizers.video import VideoPatches
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
-from models.training import OptimConfig, adamw_with_warmup, guarded_step, rng_state, set_rng_state
+from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step
 
 
 
-class FlowMatchingModule(L.LightningModule):
+class FlowMatchingModule(RunState, L.LightningModule):
     """Rectified-flow training and sampling for generated streams plus a context stream.
 
     A generated stream is a batch key ("x"), a tokenizer and a codec; ImageFlow, VideoFlow, AudioFlow
@@ -97,14 +97,7 @@ class FlowMatchingModule(L.LightningModule):
         self.x_in = nn.ModuleList()
         self.x_out = nn.ModuleList()
         self.add_stream("x", tokenizer, codec)
-        self.last_step_applied = False
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
-        self.noise_seed: int | None = None
-        """Base seed of the training noise, agreed by all ranks at fit start and kept in checkpoints."""
-        self.noise_draws = 0
-        """Training batches drawn so far (the third part of each batch's noise seed)."""
-        self._noise_gen: torch.Generator | None = None
+        self.init_run_state()
         self.last_lengths: list[int] = []
         """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
@@ -196,26 +189,6 @@ class FlowMatchingModule(L.LightningModule):
         )
         return per_sample.mean()
 
-    def noise_generator(self) -> torch.Generator:
-        """The generator of this training batch's t, noise and condition dropout, on the model's device.
-
-        Seeded from (noise_seed, rank, batch count): every rank draws its own noise (one global RNG
-        seeded alike on every rank, as `seed_everything` does, would give every rank the same t and
-        noise), and a resumed run draws exactly what the uninterrupted one would, with no generator
-        state to save beyond the counter.
-        """
-        if self.noise_seed is None:
-            self.noise_seed = torch.initial_seed()
-        if self._noise_gen is None or self._noise_gen.device != self.device:
-            self._noise_gen = torch.Generator(device=self.device)
-        self._noise_gen.manual_seed(flow.noise_seed(self.noise_seed, self.global_rank, self.noise_draws))
-        self.noise_draws += 1
-        return self._noise_gen
-
-    def on_fit_start(self) -> None:
-        if self.noise_seed is None:  # a fresh run: every rank takes rank 0's seed (resumes load it)
-            self.noise_seed = int(self.trainer.strategy.broadcast(torch.initial_seed(), src=0))
-
     # ---- training ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
@@ -231,22 +204,6 @@ class FlowMatchingModule(L.LightningModule):
         loss = self.loss(batch, gen, dropout=False)
         self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[self.keys[0]]), sync_dist=True)
         return loss
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
-        checkpoint["duoflow_noise"] = {"seed": self.noise_seed, "draws": self.noise_draws}
-        checkpoint["duoflow_rng"] = rng_state()  # the global RNGs too, for anything else that draws from them
-        if getattr(self, "duoflow_config", None):
-            checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
-        noise = checkpoint.get("duoflow_noise")
-        if noise and self._trainer is not None:
-            self.noise_seed, self.noise_draws = noise["seed"], int(noise["draws"])
-        rng = checkpoint.get("duoflow_rng")
-        if rng and self._trainer is not None:  # resuming a fit, not loading weights for sampling
-            set_rng_state(rng)
 
     # ---- sampling ----------------------------------------------------------------------
 

@@ -6,7 +6,8 @@ predicted occupancy plus ``kl_weight`` times the KL of the latent posterior to N
 IoU is measured on the query points (half uniform in the cube, half near the surface, so it is
 stricter than a volumetric IoU). Optimisation is manual, like FlowMatchingModule's: a step whose
 loss or gradients are non-finite on any rank is skipped (NonFiniteGuard and EMA read
-``nonfinite_streak`` / ``last_step_applied``), and the global RNGs travel in checkpoints.
+``nonfinite_streak`` / ``last_step_applied``); the posterior noise is per rank and travels in
+checkpoints (``models.training.RunState``).
 
 Legend: B batch, N surface points, M query points, K latents, d latent dim.
 """
@@ -21,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from models.codecs.shape import ShapeAEConfig, ShapeCodec
-from models.training import OptimConfig, adamw_with_warmup, guarded_step, rng_state, set_rng_state
+from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step
 
 
 
@@ -38,7 +39,7 @@ def kl_to_standard_normal(mean: Tensor, logvar: Tensor) -> Tensor:
     return 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).mean()
 
 
-class ShapeAutoencoder(L.LightningModule):
+class ShapeAutoencoder(RunState, L.LightningModule):
     """Point cloud -> latent set -> occupancy, trained with BCE (+ KL); ``codec`` is what ShapeFlow uses."""
 
     def __init__(self, codec: ShapeAEConfig = ShapeAEConfig(), optim: OptimConfig = OptimConfig(lr=1e-3)):
@@ -53,16 +54,16 @@ class ShapeAutoencoder(L.LightningModule):
         self.optim = optim
         self.kl_weight = codec.kl_weight
         self.codec = ShapeCodec(codec)
-        self.last_step_applied = False
-        self.nonfinite_streak = 0
-        self.nonfinite_total = 0
+        self.init_run_state()
 
-    def losses(self, batch: dict[str, Any], sample: bool) -> dict[str, Tensor]:
-        """bce, kl, loss and per-shape iou (B,) of a batch; ``sample`` draws z from the posterior (training)."""
+    def losses(self, batch: dict[str, Any], generator: torch.Generator | None = None) -> dict[str, Tensor]:
+        """bce, kl, loss and per-shape iou (B,) of a batch; with a generator, z is drawn from the
+        posterior (training), else it is the posterior mean."""
         mean, logvar = self.codec.posterior(batch["points"])  # (B, K, d) each, unscaled
         z = mean
-        if sample and self.kl_weight > 0:
-            z = mean + torch.randn_like(mean) * (0.5 * logvar).exp()
+        if generator is not None and self.kl_weight > 0:
+            eps = torch.randn(mean.shape, generator=generator, device=generator.device).to(mean)
+            z = mean + eps * (0.5 * logvar).exp()
         logits = self.codec.occupancy(z / self.codec.latent_scale, batch["queries"])  # (B, M)
         bce = F.binary_cross_entropy_with_logits(logits.float(), batch["occ"].float())
         kl = kl_to_standard_normal(mean.float(), logvar.float()) if self.kl_weight > 0 else bce.new_zeros(())
@@ -73,7 +74,7 @@ class ShapeAutoencoder(L.LightningModule):
         return adamw_with_warmup(self.parameters(), self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.losses(batch, sample=True)
+        out = self.losses(batch, self.noise_generator())
         loss, b = out["loss"], len(batch["points"])
         if guarded_step(self, loss, batch_size=b):
             self.codec.update_latent_scale(out["mean"])
@@ -83,22 +84,11 @@ class ShapeAutoencoder(L.LightningModule):
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
-        out = self.losses(batch, sample=False)
+        out = self.losses(batch)
         b = len(batch["points"])
         self.log("val/loss", out["bce"], prog_bar=True, batch_size=b, sync_dist=True)
         self.log("val/iou", out["iou"].mean(), prog_bar=True, batch_size=b, sync_dist=True)
         return out["bce"]
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
-        checkpoint["duoflow_rng"] = rng_state()  # posterior noise comes from the global torch RNG
-        if getattr(self, "duoflow_config", None):
-            checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
-        if checkpoint.get("duoflow_rng") and self._trainer is not None:  # resuming a fit, not loading weights
-            set_rng_state(checkpoint["duoflow_rng"])
 
 
 def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:

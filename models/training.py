@@ -6,6 +6,8 @@
 - ``guarded_step``: backward + (clip, step) or skip, with the counters and logs the guard callback reads.
 - ``rng_state`` / ``set_rng_state``: the global RNG streams, stored in checkpoints so a resumed
   run draws the same noise as an uninterrupted one.
+- ``RunState``: the LightningModule mixin holding the guard counters and the per-rank training noise,
+  and putting them (with the RNGs and the run config) into checkpoints.
 
 Shared by ``FlowMatchingModule`` and ``ShapeAutoencoder``.
 """
@@ -89,6 +91,12 @@ def guarded_step(module: Any, loss: Tensor, batch_size: int) -> bool:
     return applied
 
 
+def noise_seed(base: int, rank: int, draw: int) -> int:
+    """A 63-bit seed for (run seed, rank, draw), well mixed (numpy's SeedSequence) so neighbouring
+    ranks and draws get unrelated streams."""
+    return int(np.random.SeedSequence([base % 2**64, rank, draw]).generate_state(1, dtype=np.uint64)[0] >> 1)
+
+
 def rng_state() -> dict[str, Any]:
     """torch, numpy, python and CUDA RNG states; numpy's key array as a tensor (loads with weights_only)."""
     kind, keys, pos, has_gauss, gauss = np.random.get_state()
@@ -109,3 +117,56 @@ def set_rng_state(state: dict[str, Any]) -> None:
     cuda = state.get("cuda")
     if cuda is not None and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
         torch.cuda.set_rng_state_all(cuda)
+
+
+class RunState:
+    """Mixin (before ``L.LightningModule`` in the bases) for every duoflow training module: the
+    counters ``guarded_step`` and the guard callback use, the per-rank training noise, and the run
+    state a resume needs in checkpoints. Call ``init_run_state()`` in ``__init__``."""
+
+    def init_run_state(self) -> None:
+        self.last_step_applied = False
+        self.nonfinite_streak = 0
+        self.nonfinite_total = 0
+        self.noise_seed: int | None = None
+        """Base seed of the training noise, agreed by all ranks at fit start and kept in checkpoints."""
+        self.noise_draws = 0
+        """Training batches drawn so far (the third part of each batch's noise seed)."""
+        self._noise_gen: torch.Generator | None = None
+
+    def noise_generator(self) -> torch.Generator:
+        """The generator of this training batch's random draws, on the module's device.
+
+        Seeded from (noise_seed, rank, batch count): every rank draws its own noise (one global RNG
+        seeded alike on every rank, as ``seed_everything`` does, would give every rank the same
+        noise), and a resumed run draws exactly what the uninterrupted one would, with no generator
+        state to save beyond the counter.
+        """
+        if self.noise_seed is None:
+            self.noise_seed = torch.initial_seed()
+        if self._noise_gen is None or self._noise_gen.device != self.device:
+            self._noise_gen = torch.Generator(device=self.device)
+        self._noise_gen.manual_seed(noise_seed(self.noise_seed, self.global_rank, self.noise_draws))
+        self.noise_draws += 1
+        return self._noise_gen
+
+    def on_fit_start(self) -> None:
+        if self.noise_seed is None:  # a fresh run: every rank takes rank 0's seed (resumes load it)
+            self.noise_seed = int(self.trainer.strategy.broadcast(torch.initial_seed(), src=0))
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
+        checkpoint["duoflow_noise"] = {"seed": self.noise_seed, "draws": self.noise_draws}
+        checkpoint["duoflow_rng"] = rng_state()  # the global RNGs too, for anything else that draws from them
+        if getattr(self, "duoflow_config", None):
+            checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))
+        if self._trainer is None:  # loading weights to sample or evaluate, not resuming a fit
+            return
+        noise = checkpoint.get("duoflow_noise")
+        if noise:
+            self.noise_seed, self.noise_draws = noise["seed"], int(noise["draws"])
+        if checkpoint.get("duoflow_rng"):
+            set_rng_state(checkpoint["duoflow_rng"])
