@@ -152,14 +152,10 @@ class MMDiT(nn.Module):
         if self.single:
             sizes = [x.shape[1] for x in xs]
             x = layout.join(xs)  # (B, N, C)
-            if layout.is_packed:
-                c_tok = layout.join([layout.expand(c, s) for s in range(len(xs))])  # (1, N, C)
-            else:
-                c_tok = c[:, None]  # (S, 1, C): broadcast over tokens
             rope_joined = self._join_rope(rope, xs, layout)
-            seqlens = layout.joint_seqlens()
+            seqlens, token_sample = layout.joint_seqlens(), layout.joint_sample(x.device)
             for block in self.single:
-                x = self._run(block, x, c_tok, rope_joined, seqlens)
+                x = self._run(block, x, c, rope_joined, seqlens, token_sample)
             xs = layout.split(x, sizes=sizes)
 
         return [self.final[s](xs[s], c, layout, s) for s in range(cfg.out_streams)]

@@ -185,9 +185,24 @@ class SingleStreamBlock(nn.Module):
         _init_linears(self)
         _zero(self.mod)  # adaLN-Zero: identity at init
 
-    def forward(self, x: Tensor, c_tok: Tensor, rope: Rope | None, seqlens: Sequence[int] | None) -> Tensor:
-        """x (B, N, C); c_tok (S, 1, C) regular or (1, N, C) packed, already spread over tokens."""
-        shift, scale, gate = self.mod(F.silu(c_tok)).chunk(3, dim=-1)
+    def forward(
+        self, x: Tensor, c: Tensor, rope: Rope | None, seqlens: Sequence[int] | None, token_sample: Tensor | None = None
+    ) -> Tensor:
+        """x (B, N, C), c (S, C) per sample.
+
+        Packed (seqlens given, B == 1): token_sample (N,) is each token's sample (built from seqlens
+        when not given). The modulation Linear runs once per sample and its output is spread over
+        the tokens, not run on every token.
+        """
+        mod = self.mod(F.silu(c))  # (S, 3C)
+        if seqlens is None:
+            mod = mod[:, None]  # (S, 1, 3C): broadcast over tokens
+        else:
+            if token_sample is None:
+                token_sample = torch.repeat_interleave(
+                    torch.arange(len(seqlens), device=x.device), torch.tensor(list(seqlens), device=x.device))
+            mod = mod.index_select(0, token_sample)[None]  # (1, N, 3C)
+        shift, scale, gate = mod.chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * self.dim, self.hidden], dim=-1)
         qk, v = _qkv(qkv, self.heads, self.q_norm, self.k_norm, rope)

@@ -25,6 +25,7 @@ class _Index:
     sample: list[Tensor]  # per stream (N_s,) token -> sample
     join: Tensor  # (N,) position in cat(streams) of each joined token
     split: Tensor  # (N,) inverse of `join`
+    joint_sample: Tensor  # (N,) joined token -> sample
 
 
 @dataclass
@@ -73,6 +74,10 @@ class Layout:
         if self.lengths is None:
             return None
         return [sum(per_stream) for per_stream in zip(*self.lengths)]
+
+    def joint_sample(self, device: torch.device | str) -> Tensor | None:
+        """(N,) the sample of each token of the joined sequence on `device`, None if regular."""
+        return None if self.lengths is None else self._index(torch.device(device)).joint_sample
 
     def stream_seqlens(self, stream: int) -> list[int] | None:
         return None if self.lengths is None else list(self.lengths[stream])
@@ -150,6 +155,7 @@ class Layout:
                 sample=[t.to(device) for t in cpu.sample],
                 join=cpu.join.to(device),
                 split=cpu.split.to(device),
+                joint_sample=cpu.joint_sample.to(device),
             )
         return self._cache[device]
 
@@ -177,4 +183,6 @@ class Layout:
         join_t = torch.cat(join) if join else torch.zeros(0, dtype=torch.long)
         split_t = torch.empty_like(join_t)
         split_t[join_t] = torch.arange(join_t.numel())
-        return _Index(sample=sample, join=join_t, split=split_t)
+        joint_sample = torch.repeat_interleave(torch.arange(len(self.lengths[0])),
+                                               torch.tensor(self.joint_seqlens(), dtype=torch.long))
+        return _Index(sample=sample, join=join_t, split=split_t, joint_sample=joint_sample)
