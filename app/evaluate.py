@@ -89,8 +89,9 @@ def evaluate_generator(evaluator: Evaluator, model: Any, real: dict[str, Any], r
 
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="duoflow evaluate", description="Sample-quality metrics of a generator against "
-                                 "held-out real data (images: FID, precision/recall, CAS; audio: timbre, pitch, "
-                                 "voicing; audio-video: contact/onset sync).")
+                                 "held-out real data (images: FID, precision/recall, CAS; video: per-frame FD, shape "
+                                 "accuracy, temporal consistency; audio: log-mel FD, timbre, pitch, voicing; 3D: "
+                                 "coverage, MMD, class accuracy; audio-video: contact/onset sync).")
     ap.add_argument("--ckpt", required=True, help="generator checkpoint, e.g. runs/image-digits/checkpoints/last.ckpt")
     ap.add_argument("--data", required=True, help="HELD-OUT real shards (folder, glob or brace pattern)")
     ap.add_argument("--reference", default=None, help="TRAINING shards, for the feature net and --real-reference "
