@@ -199,8 +199,7 @@ class SingleStreamBlock(nn.Module):
             mod = mod[:, None]  # (S, 1, 3C): broadcast over tokens
         else:
             if token_sample is None:
-                token_sample = torch.repeat_interleave(
-                    torch.arange(len(seqlens), device=x.device), torch.tensor(list(seqlens), device=x.device))
+                token_sample = Layout.packed([list(seqlens)]).joint_sample(x.device)
             mod = mod.index_select(0, token_sample)[None]  # (1, N, 3C)
         shift, scale, gate = mod.chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
