@@ -73,6 +73,16 @@ class Evaluator:
         """What the metrics depend on besides the samples (recorded in the JSON)."""
         return {}
 
+    def train_feature_net(self, transform: SampleTransform | None = None) -> Any:
+        """The FeatureNet of the training split at the generator's size (trained once, then reused
+        from its file), on the evaluator's device; `transform` reads the training samples."""
+        from models.feature_net import feature_net_for
+
+        return feature_net_for(self.train_shards, num_classes_of(self.train_shards, self.model),
+                               int(self.model.tokenizer.size), steps=self.feature_steps, seed=self.seed,
+                               path=self.feature_net, device=self.device, progress=self.progress,
+                               transform=transform).to(self.device)
+
 
 class FeatureEvaluator(Evaluator):
     """Metrics in the embedding of a fixed network: Fréchet distance, k-NN precision/recall, and,
@@ -118,16 +128,9 @@ class ImageEvaluator(FeatureEvaluator):
     }
 
     def __init__(self, *args: Any, **kwargs: Any):
-        from models.feature_net import feature_net_for
-
         super().__init__(*args, **kwargs)
         self.size = int(self.model.tokenizer.size)
-        self.net = feature_net_for(self.train_shards, self.num_classes(), self.size, steps=self.feature_steps,
-                                   seed=self.seed, path=self.feature_net, device=self.device,
-                                   progress=self.progress).to(self.device)
-
-    def num_classes(self) -> int:
-        return num_classes_of(self.train_shards, self.model)
+        self.net = self.train_feature_net()
 
     def transform(self) -> SampleTransform:
         return ImageTransform(size=self.size)
@@ -193,13 +196,8 @@ class VideoEvaluator(CheckerEvaluator):
         return VideoTransform(size=tok.size, max_frames=tok.frames, frame_multiple=tok.tpatch)
 
     def __init__(self, *args: Any, **kwargs: Any):
-        from models.feature_net import feature_net_for
-
         super().__init__(*args, **kwargs)
-        self.net = feature_net_for(self.train_shards, num_classes_of(self.train_shards, self.model),
-                                   int(self.model.tokenizer.size), steps=self.feature_steps, seed=self.seed,
-                                   path=self.feature_net, device=self.device, progress=self.progress,
-                                   transform=self.transform()).to(self.device)
+        self.net = self.train_feature_net(self.transform())
 
     def frame_features(self, clips: Any) -> Tensor:
         from models.feature_net import as_frames

@@ -87,6 +87,18 @@ def _recompiles(cfg: MMDiTConfig, backend: str, dynamic: bool | None, packed: bo
     return shapes, per_shape, blocks, sum(breaks.values()), reasons
 
 
+def adamw_step(model: MMDiT, xs, t, y, pos):
+    """A training step of `model` on fixed inputs: forward, backward, AdamW."""
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step() -> None:
+        model(xs, t, y, pos)[0].float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -131,17 +143,9 @@ def main() -> None:
     models["checkpointing on"] = MMDiT(dataclasses.replace(cfg, checkpointing=True)).to(device, dtype)
     models["checkpointing on"].load_state_dict(models["checkpointing off"].state_dict())
     xs, t, y, pos, _ = inputs(cfg, [args.tokens] * args.batch, 32, False, device, dtype)
-    steps = {}
-    for name, m in models.items():
+    for m in models.values():
         m.train()
-        opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-        def step(m=m, opt=opt) -> None:
-            m(xs, t, y, pos)[0].float().square().mean().backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
-        steps[name] = step
+    steps = {name: adamw_step(m, xs, t, y, pos) for name, m in models.items()}
     times = interleaved(steps, args.iters, 1, device)
     mem = {name: peak_memory(fn, device) for name, fn in steps.items()}
     off = "checkpointing off"
@@ -157,16 +161,7 @@ def main() -> None:
         pair = {"eager": MMDiT(cfg).to(device, dtype),
                 "compile=True": MMDiT(dataclasses.replace(cfg, compile=True)).to(device, dtype)}
         pair["compile=True"].load_state_dict(pair["eager"].state_dict())
-        runs = {}
-        for name, m in pair.items():
-            opt = torch.optim.AdamW(m.parameters(), lr=1e-4)
-
-            def step(m=m, opt=opt) -> None:
-                m(xs, t, y, pos)[0].float().square().mean().backward()
-                opt.step()
-                opt.zero_grad(set_to_none=True)
-
-            runs[name] = step
+        runs = {name: adamw_step(m, xs, t, y, pos) for name, m in pair.items()}
         times = interleaved(runs, args.iters, 2, device)
         rows = [[name, median(times[name]) * 1e3, median_ratio(times[name], times["eager"])] for name in runs]
         body += "\n\nPart 3: MMDiTConfig.compile (per-block torch.compile, inductor, dynamic=True), same step\n\n"
