@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
-    from app.cli import UserError
+    from app.errors import UserError
     from callbacks.guards import TrainingDiverged
     from datamodules.shards import TooManyBadSamples
 

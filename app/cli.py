@@ -14,22 +14,22 @@ import secrets
 from pathlib import Path
 from typing import Any
 
+import lightning
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
-import lightning
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from lightning.pytorch.utilities import rank_zero_only
 
 from app.checkpoint_io import AtomicCheckpointIO
+from app.errors import UserError
 from datamodules.shards import ShardDataModule
 
 log = logging.getLogger("duoflow")
 
 WANDB_ID_FILE = "wandb_id"
 
-
-class UserError(Exception):
-    """A problem with the user's input or config: reported as one line, without a traceback."""
+MOVED_CLASS_PATHS = {"callbacks.evaluation.Evaluation": "app.evaluation.callback.Evaluation"}
+"""Class paths that moved, as older run configs (and checkpoints) name them -> where they live now."""
 
 
 class DuoflowCLI(LightningCLI):
@@ -181,6 +181,8 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
     text = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("duoflow_config")
     if not text:
         raise UserError(f"--ckpt_path {ckpt}: the checkpoint holds no run config; pass --config as well")
+    for old, moved in MOVED_CLASS_PATHS.items():
+        text = text.replace(old, moved)
     cfg = yaml.safe_load(text)
     if isinstance(cfg.get("fit"), dict):  # dumped with the subcommand level
         cfg = cfg["fit"]

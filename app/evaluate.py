@@ -3,10 +3,10 @@
     duoflow evaluate --ckpt runs/image-digits/checkpoints/last.ckpt --data data/digits/test --num 500
 
 Generates N samples, class-balanced over the conditioning classes, reads N real samples of the
-held-out shards (--data), and compares them with the modality's `Evaluator` (app/evaluators.py),
+held-out shards (--data), and compares them with the modality's `Evaluator` (app/evaluation/evaluators.py),
 chosen from the generator's class. Everything the metrics need beyond the two sample sets is built
 from the TRAINING shards (the checkpoint's `data.train_shards`, or --reference), e.g. the image and
-video-frame feature networks (models/feature_net.py). Scales: --untrained scores the same
+video-frame feature networks (app/evaluation/feature_net.py). Scales: --untrained scores the same
 architecture with fresh weights (the worst case: noise), --real-reference scores N training
 samples against the held-out ones (about the best a generator of the data distribution can get).
 """
@@ -22,66 +22,14 @@ from typing import Any
 
 import torch
 import yaml
-from torch import Tensor
-from tqdm import tqdm
 
-from app.cli import UserError
-from app.evaluators import Evaluator, evaluator_for, known_labels
+from app.errors import UserError
+from app.evaluation.evaluators import known_labels
+from app.evaluation.modalities import evaluator_for
+from app.evaluation.run import evaluate_generator
 from datamodules.shards import expand_shards, read_samples
 
 log = logging.getLogger("duoflow.eval")
-
-
-def conditions_for(model: Any, num: int, real: dict[str, Any] | None = None) -> tuple[dict[str, Any], Tensor | None]:
-    """Conditions for `num` samples and the class each stands for (None when there is none).
-
-    Class-conditional: classes 0..K-1 in turn (balanced). Text-conditional: the captions of the
-    real held-out samples (their labels, when they have any). Otherwise the model's previews."""
-    num_classes = getattr(model.cond, "num_classes", None)
-    if num_classes:
-        labels = torch.arange(num) % num_classes
-        return {"cls": labels.tolist()}, labels
-    if real is not None and real.get("txt") and any(real["txt"]):
-        if len(real["txt"]) < num:
-            raise ValueError(f"{len(real['txt'])} held-out captions for {num} samples")
-        labels = known_labels(real)
-        return {"txt": list(real["txt"][:num])}, None if labels is None else labels[:num]
-    return model.cond.preview(num), None
-
-
-def concat(parts: list[Any]) -> Any:
-    """Join per-batch outputs of `generate`: tensors along dim 0; tuples (several streams) element-wise."""
-    if isinstance(parts[0], (tuple, list)):
-        return type(parts[0])(concat(list(p)) for p in zip(*parts))
-    return torch.cat(parts)
-
-
-def generate_samples(model: Any, cond: dict[str, Any], num: int, steps: int | None = None,
-                     cfg_scale: float | None = None, seed: int = 0, batch_size: int = 100,
-                     progress: bool = True) -> Any:
-    """`num` samples in batches (batch i uses noise seed `seed + i`), moved to the CPU."""
-    parts = []
-    starts = range(0, num, batch_size)
-    for i, start in enumerate(tqdm(starts, desc="generate", unit="batch", disable=not progress)):
-        n = min(batch_size, num - start)
-        part = {k: v[start : start + n] for k, v in cond.items()}
-        x = model.generate(part, n, steps=steps, cfg_scale=cfg_scale, seed=seed + i)
-        parts.append(x.cpu() if isinstance(x, Tensor) else type(x)(t.cpu() for t in x))
-    return concat(parts)
-
-
-def evaluate_generator(evaluator: Evaluator, model: Any, real: dict[str, Any], reference: Any, num: int,
-                       steps: int | None = None, cfg_scale: float | None = None, seed: int = 0,
-                       batch_size: int = 100, progress: bool = True) -> dict[str, float]:
-    """Generate `num` samples and score them against the held-out `reference` (eval mode, no grad)."""
-    cond, labels = conditions_for(model, num, real)
-    was_training = model.training
-    model.eval()
-    try:
-        generated = generate_samples(model, cond, num, steps, cfg_scale, seed, batch_size, progress)
-    finally:
-        model.train(was_training)
-    return evaluator.scores(generated, labels, reference)
 
 
 # ---------------------------------------------------------------- the command

@@ -15,7 +15,7 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from app.cli import UserError
+from app.errors import UserError
 from app.sample import load_generator
 
 

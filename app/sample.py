@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from app.cli import UserError
+from app.errors import UserError
 
 
 def parse(argv: list[str]) -> argparse.Namespace:

@@ -74,7 +74,7 @@ def main(argv: list[str]) -> int:
         paths = write_mesh_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
                                   points=args.points, queries=args.queries)
     elif args.source == "encode-shapes":
-        from datamodules.shape_latents import encode_shape_shards  # loads Lightning and the autoencoder
+        from app.shape_latents import encode_shape_shards  # loads Lightning and the autoencoder
 
         paths = encode_shape_shards(args.ckpt, args.src, args.out, batch_size=args.batch_size,
                                     shard_size=args.shard_size, prefix=args.prefix, device=args.device)

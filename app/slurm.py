@@ -18,7 +18,7 @@ from string import Template
 
 import yaml
 
-from app.cli import UserError
+from app.errors import UserError
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"

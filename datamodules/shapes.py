@@ -31,9 +31,9 @@ import torch
 from tqdm import tqdm
 
 from datamodules.decoders import BadSample
+from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.transforms import SampleTransform
 from datamodules.writers import ShardWriter, write_classes
-from models.media_shape import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 
 log = logging.getLogger("duoflow.data")
 
@@ -450,7 +450,7 @@ class ShapeTransform(SampleTransform):
 
 
 class LatentTransform(SampleTransform):
-    """Pre-encoded latent set -> ``x`` float32 (K, d) from ``latent.npy`` (see datamodules/shape_latents.py).
+    """Pre-encoded latent set -> ``x`` float32 (K, d) from ``latent.npy`` (see app/shape_latents.py).
 
     Args:
         latent_key: The sample field holding the (K, d) latent array.

@@ -20,13 +20,16 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from models import flow, media, media_audio
+from datamodules.media import audio as media_audio
+from datamodules.media import image as image_media
+from datamodules.media import video as media
+from datamodules.media.mesh import save_meshes
+from models import flow
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
 from models.codecs.mel import MelCodec
 from models.codecs.shape import ShapeLatents
 from models.conditioning import ClassLabel, Condition, Unconditional
-from models.media_shape import save_meshes
 from models.packing import Layout
 from models.tokenizers.audio import AudioFrames
 from models.tokenizers.base import Tokenizer
@@ -35,7 +38,6 @@ from models.tokenizers.shape import LatentSet
 from models.tokenizers.video import VideoPatches
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
 from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step
-
 
 
 class FlowMatchingModule(RunState, L.LightningModule):
@@ -298,7 +300,7 @@ class ImageFlow(FlowMatchingModule):
         super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
-        return media.save_images(x, out_dir, prefix, upscale=max(1, 256 // x.shape[-1]))
+        return image_media.save_images(x, out_dir, prefix, upscale=max(1, 256 // x.shape[-1]))
 
 
 class VideoFlow(FlowMatchingModule):

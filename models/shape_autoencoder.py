@@ -89,9 +89,3 @@ class ShapeAutoencoder(RunState, L.LightningModule):
         self.log("val/loss", out["bce"], prog_bar=True, batch_size=b, sync_dist=True)
         self.log("val/iou", out["iou"].mean(), prog_bar=True, batch_size=b, sync_dist=True)
         return out["bce"]
-
-
-def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:
-    """The trained codec (weights and latent_scale) of a ShapeAutoencoder checkpoint, frozen, in eval mode."""
-    model = ShapeAutoencoder.load_from_checkpoint(ckpt, map_location=map_location, weights_only=False)
-    return model.codec.eval().requires_grad_(False)

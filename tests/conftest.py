@@ -54,7 +54,7 @@ def shape_latents(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) ->
     for ShapeFlow tests: untrained weights decode to some shape, and saving skips a training run."""
     import lightning as L
 
-    from datamodules.shape_latents import encode_shape_shards
+    from app.shape_latents import encode_shape_shards
     from models.codecs.shape import ShapeAEConfig
     from models.shape_autoencoder import ShapeAutoencoder
 

@@ -19,9 +19,9 @@ from datamodules import audio as audio_data
 from datamodules.audio import SCALE_HZ, TIMBRES, AudioTransform, spoken_words, synthetic_audio, write_audio_folder
 from datamodules.decoders import BadSample, decode_audio, decode_sample
 from datamodules.writers import ShardWriter
-from models.checkers.audio import audio_attributes, audio_scores
+from app.evaluation.checkers.audio import audio_attributes, audio_scores
 from models.codecs.mel import MelCodec
-from models.media_audio import save_audio
+from datamodules.media.audio import save_audio
 from models.tokenizers.audio import AudioFrames
 
 SR = 8000

@@ -10,13 +10,13 @@ import pytest
 import torch
 
 from app.__main__ import main
-from app.evaluate import conditions_for
-from app.evaluators import ImageEvaluator
-from datamodules.shards import read_samples
+from app.evaluation.feature_net import feature_net_for, load_feature_net, read_images
+from app.evaluation.metrics import accuracy
+from app.evaluation.modalities import ImageEvaluator
+from app.evaluation.run import conditions_for
 from app.sample import load_generator
+from datamodules.shards import read_samples
 from datamodules.synthetic import write_synthetic
-from models.feature_net import feature_net_for, load_feature_net, read_images
-from models.metrics import accuracy
 from tests.conftest import SMALL, TINY
 
 FEATURE_STEPS, FEATURE_WIDTH = 40, 8  # a small net: seconds on 2 CPU cores
@@ -48,7 +48,7 @@ def run(splits: tuple[Path, Path], feature_net_file: Path, tmp_path_factory: pyt
                  "--data.train_shards", str(train / "*.tar"), "--trainer.max_steps", "2",
                  "--trainer.log_every_n_steps", "1",
                  "--trainer.logger", "lightning.pytorch.loggers.CSVLogger", "--trainer.logger.save_dir", str(runs / "csv"),
-                 "--trainer.callbacks+=callbacks.evaluation.Evaluation", "--trainer.callbacks.every_n_steps", "2",
+                 "--trainer.callbacks+=app.evaluation.callback.Evaluation", "--trainer.callbacks.every_n_steps", "2",
                  "--trainer.callbacks.num", "20", "--trainer.callbacks.data", str(test),
                  "--trainer.callbacks.steps", "2", "--trainer.callbacks.feature_net", str(feature_net_file)]) == 0
     return runs

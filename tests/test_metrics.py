@@ -7,7 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from models.metrics import (
+from app.evaluation.metrics import (
     accuracy,
     feature_stats,
     frechet_distance,

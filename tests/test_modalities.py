@@ -31,7 +31,7 @@ def fit_and_sample(tmp_path: Path, config: str, shards: Path, *extra: str, steps
 def test_video_fit_packs_mixed_lengths_and_samples_mp4(tmp_path: Path, synthetic_shards) -> None:
     from datamodules.shards import ShardDataModule
     from datamodules.video import VideoTransform
-    from models.media import read_mp4
+    from tests.mp4 import read_mp4
 
     shards = synthetic_shards("video")
     module = ShardDataModule(str(shards / "*.tar"), batch_size=4, num_workers=0,
@@ -75,7 +75,7 @@ def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthet
 
 
 def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) -> None:
-    from app.evaluators import AudioEvaluator, evaluator_for
+    from app.evaluation.modalities import AudioEvaluator, evaluator_for
     from models.generators import AudioFlow
 
     assert evaluator_for(AudioFlow()) is AudioEvaluator
@@ -92,9 +92,9 @@ def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) ->
 
 
 def test_shape_fit_on_latent_shards_and_samples_ply(tmp_path: Path, shape_latents) -> None:
-    from models.media_shape import read_ply
-
     import shutil
+
+    from datamodules.media.mesh import read_ply
 
     ckpt, latents = shape_latents
     ae = tmp_path / "ae.ckpt"
@@ -124,9 +124,9 @@ def test_shape_fit_on_latent_shards_and_samples_ply(tmp_path: Path, shape_latent
 
 
 def test_audiovideo_fit_samples_mp4_with_sound_and_evaluates_sync(tmp_path: Path, synthetic_shards) -> None:
-    from app.evaluators import SyncEvaluator, evaluator_for
+    from app.evaluation.modalities import SyncEvaluator, evaluator_for
     from app.sample import load_generator
-    from models.media import read_mp4
+    from tests.mp4 import read_mp4
 
     shards = synthetic_shards("audiovideo")
     out = fit_and_sample(tmp_path, "configs/audiovideo/tiny.yaml", shards, "--data.batch_size", "4")
@@ -148,7 +148,7 @@ def test_audiovideo_fit_samples_mp4_with_sound_and_evaluates_sync(tmp_path: Path
 
 def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
     """Known answer: the held-out clips scored as if generated give mel_fd ~0 and the real accuracies."""
-    from app.evaluators import AudioEvaluator
+    from app.evaluation.modalities import AudioEvaluator
     from datamodules.shards import read_samples
     from models.generators import AudioFlow
 
@@ -167,7 +167,7 @@ def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
 def test_video_evaluator_frame_fd_and_checker(synthetic_shards) -> None:
     """Known answers: real clips scored as generated give frame_fd ~0 and the checker's real scores;
     noise clips a large frame_fd and no valid frames. The feature net trains on the training frames."""
-    from app.evaluators import VideoEvaluator, evaluator_for
+    from app.evaluation.modalities import VideoEvaluator, evaluator_for
     from datamodules.shards import read_samples
     from models.generators import VideoFlow
     from models.tokenizers.video import VideoPatches

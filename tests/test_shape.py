@@ -14,20 +14,36 @@ import torch
 from PIL import Image
 
 from app.__main__ import main
+from app.evaluation.checkers.shape import chamfer, coverage_mmd, shape_class_accuracy
+from app.shape_latents import encode_shape_shards
 from datamodules.decoders import BadSample, decode_sample
-from datamodules.shape_latents import encode_shape_shards
+from datamodules.media.mesh import (
+    grid_coords,
+    grid_to_mesh,
+    read_mesh,
+    read_ply,
+    sample_mesh_surface,
+    save_meshes,
+    signed_volume,
+    write_ply,
+)
 from datamodules.shapes import (
-    SOLIDS, LatentTransform, ShapeTransform, inside, random_solid, sdf, surface, synthetic_shapes, volume,
-    winding_number, write_mesh_folder,
+    SOLIDS,
+    LatentTransform,
+    ShapeTransform,
+    inside,
+    random_solid,
+    sdf,
+    surface,
+    synthetic_shapes,
+    volume,
+    winding_number,
+    write_mesh_folder,
 )
 from datamodules.synthetic import write_synthetic
 from datamodules.transforms import collate
-from models.checkers.shape import chamfer, coverage_mmd, shape_class_accuracy
-from models.codecs.shape import ShapeAEConfig, ShapeCodec
-from models.media_shape import (
-    grid_coords, grid_to_mesh, read_mesh, read_ply, sample_mesh_surface, save_meshes, signed_volume, write_ply,
-)
-from models.shape_autoencoder import ShapeAutoencoder, load_shape_codec
+from models.codecs.shape import ShapeAEConfig, ShapeCodec, load_shape_codec
+from models.shape_autoencoder import ShapeAutoencoder
 from tests.conftest import ROOT
 
 CONFIG = str(ROOT / "configs/shape/autoencoder.yaml")
@@ -406,8 +422,8 @@ def test_shape_flow_is_permutation_equivariant_and_its_codec_frozen(shape_latent
 
 
 def test_shape_evaluator_scores_real_shapes_as_perfect(shape_latents, synthetic_shards) -> None:
-    from app.evaluate import evaluate_generator
-    from app.evaluators import ShapeEvaluator
+    from app.evaluation.modalities import ShapeEvaluator
+    from app.evaluation.run import evaluate_generator
     from datamodules.shards import read_samples
 
     ckpt, latents = shape_latents

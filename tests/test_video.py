@@ -8,13 +8,14 @@ import numpy as np
 import pytest
 import torch
 
+from app.evaluation.checkers.video import video_attributes, video_scores
 from datamodules import decoders
 from datamodules.decoders import BadSample, decode_sample
+from datamodules.media.video import save_videos, write_mp4
 from datamodules.synthetic import COLOURS, SHAPES, render_shape, write_synthetic
 from datamodules.video import VideoTransform, bounce, synthetic_videos
-from models.checkers.video import video_attributes, video_scores
-from models.media import read_mp4, save_videos, write_mp4
 from models.tokenizers.video import VideoPatches
+from tests.mp4 import read_mp4
 
 
 @pytest.fixture(scope="module")

@@ -167,7 +167,7 @@ class ShapeCodec(nn.Module):
 
     @torch.no_grad()
     def decode(self, latents: Tensor, resolution: int = 32) -> Tensor:
-        """Scaled latents (B, K, d) -> occupancy probabilities (B, R, R, R) on the grid of models/media_shape.py."""
+        """Scaled latents (B, K, d) -> occupancy probabilities (B, R, R, R) on the grid of datamodules/media/mesh.py."""
         tokens = self.latent_tokens(latents)
         axis = torch.as_tensor(np.linspace(-1.0, 1.0, resolution), dtype=tokens.dtype, device=tokens.device)
         grid = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), dim=-1).reshape(-1, 3)  # (R^3, 3)
@@ -177,8 +177,25 @@ class ShapeCodec(nn.Module):
         return logits.sigmoid().reshape(-1, resolution, resolution, resolution)
 
 
+def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:
+    """The trained codec (weights and latent_scale) of a ShapeAutoencoder checkpoint, frozen, in eval mode.
+
+    Read from the checkpoint's hyper-parameters and ``codec.*`` weights directly, so the codec does
+    not need the LightningModule that trained it."""
+    state = torch.load(ckpt, map_location=map_location, weights_only=False)
+    cfg = state.get("hyper_parameters", {}).get("codec")
+    if isinstance(cfg, dict):
+        cfg = ShapeAEConfig(**cfg)
+    if not isinstance(cfg, ShapeAEConfig):
+        raise ValueError(f"{ckpt}: not a ShapeAutoencoder checkpoint (no codec config in its hyper-parameters)")
+    codec = ShapeCodec(cfg)
+    weights = {k.removeprefix("codec."): v for k, v in state["state_dict"].items() if k.startswith("codec.")}
+    codec.load_state_dict(weights)
+    return codec.eval().requires_grad_(False)
+
+
 class ShapeLatents(nn.Module):
-    """First stage of ShapeFlow on pre-encoded latent shards (datamodules/shape_latents.py).
+    """First stage of ShapeFlow on pre-encoded latent shards (app/shape_latents.py).
 
     ``encode`` is the identity: the shards already hold scaled latents (B, K, d), what
     ``ShapeCodec.encode`` returns. ``decode`` turns generated latents into occupancy grids with the
@@ -197,8 +214,6 @@ class ShapeLatents(nn.Module):
                 checkpoint records it (ShapeFlow.on_save_checkpoint) and holds the decoder's weights, so
                 ``app sample`` needs the flow's checkpoint alone.
         """
-        from models.shape_autoencoder import load_shape_codec  # here: that module imports models.generators
-
         super().__init__()
         if resolution < 2:
             raise ValueError(f"ShapeLatents: resolution={resolution}, expected at least 2 grid points per side")

@@ -1,115 +1,33 @@
-"""Per-modality quality metrics: an `Evaluator` compares generated media with held-out real samples.
-
-A new modality plugs in with an Evaluator subclass and one EVALUATORS entry. Three levels:
-- embedding metrics: subclass `FeatureEvaluator`, implement `transform()` (how real samples are
-  read) and `embed(media) -> (features (N, D), logits (N, K) or None)`; Fréchet distance
-  (named by `fd_name`), precision/recall and CAS come for free (images);
-- procedural checkers: subclass `CheckerEvaluator`, implement `check(media, labels)` with a
-  checker from models/checkers/ (video, audio, audio-video sync); `real_` ceilings come for free;
-- anything else: subclass `Evaluator`, implement `transform()`, `reference(real)` (what is
-  computed once per real set) and `scores(generated, labels, reference) -> {metric: float}` (3D).
-`duoflow evaluate` (app/evaluate.py) and the in-loop callback (callbacks/evaluation.py) run them.
+"""The evaluator of each generator: images (feature-net FID, precision/recall, CAS), video, audio and
+audio-video (procedural checkers), 3D shapes (point-cloud coverage/MMD). One EVALUATORS entry per
+generator class; the bases are in app/evaluation/evaluators.py.
 """
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from app.cli import UserError
-from datamodules.shards import expand_shards, read_samples
+from app.errors import UserError
+from app.evaluation.checkers.audio import audio_scores
+from app.evaluation.checkers.audiovideo import sync_scores
+from app.evaluation.checkers.shape import coverage_mmd_from, pairwise_chamfer, shape_class_accuracy
+from app.evaluation.checkers.video import video_scores
+from app.evaluation.evaluators import CheckerEvaluator, Evaluator, FeatureEvaluator, known_labels
+from app.evaluation.feature_net import as_frames
+from app.evaluation.metrics import frechet_from_features
+from datamodules.audio import AudioTransform
+from datamodules.audiovideo import AudioVideoTransform
+from datamodules.media.image import to_uint8_images
+from datamodules.media.mesh import grid_to_mesh, sample_mesh_surface
+from datamodules.shapes import SurfacePoints
+from datamodules.shards import read_samples
 from datamodules.transforms import ImageTransform, SampleTransform
-from datamodules.writers import CLASSES_NAME
-from models.metrics import accuracy, frechet_from_features, knn_precision_recall
-
-
-class Evaluator:
-    """The metrics of one modality: compares generated media with held-out real samples.
-
-    Built once per (generator, training split); `reference` runs once per real set, `scores`
-    once per generated set. Subclasses must not train on or peek at the held-out samples."""
-
-    descriptions: ClassVar[dict[str, str]] = {}
-    """metric -> one-line meaning, printed beside the table."""
-
-    def __init__(self, model: Any, train_shards: str | list[str], device: str | torch.device = "cpu",
-                 seed: int = 0, progress: bool = True, feature_steps: int = 300, feature_net: str | None = None):
-        """
-        Args:
-            model: The generator (its tokenizer/conditioning say what it makes).
-            train_shards: The real training split, for anything the metrics must learn (never held-out data).
-            device: Where metric networks run.
-            seed: Seed of anything trained or drawn for the metrics.
-            progress: Show progress bars.
-            feature_steps: Training steps of a network the evaluator trains on the training split.
-            feature_net: File of that network (default: next to the training shards); unused by others.
-        """
-        self.model, self.train_shards = model, train_shards
-        self.device, self.seed, self.progress = torch.device(device), seed, progress
-        self.feature_steps, self.feature_net = feature_steps, feature_net
-
-    def transform(self) -> SampleTransform:
-        """How real samples are read from shards, matching the generator's output media."""
-        raise NotImplementedError
-
-    def as_generated(self, real: dict[str, Any]) -> Any:
-        """Real samples in the form `generate` returns (for the real reference and the perfect-generator check)."""
-        return real["x"]
-
-    def reference(self, real: dict[str, Any]) -> Any:
-        """What the scores need from the real held-out set, computed once (default: the samples)."""
-        return real
-
-    def scores(self, generated: Any, labels: Tensor | None, reference: Any) -> dict[str, float]:
-        """Metrics of generated media (labels: the class each was conditioned on, or None)."""
-        raise NotImplementedError
-
-    def info(self) -> dict[str, Any]:
-        """What the metrics depend on besides the samples (recorded in the JSON)."""
-        return {}
-
-    def train_feature_net(self, transform: SampleTransform | None = None) -> Any:
-        """The FeatureNet of the training split at the generator's size (trained once, then reused
-        from its file), on the evaluator's device; `transform` reads the training samples."""
-        from models.feature_net import feature_net_for
-
-        return feature_net_for(self.train_shards, num_classes_of(self.train_shards, self.model),
-                               int(self.model.tokenizer.size), steps=self.feature_steps, seed=self.seed,
-                               path=self.feature_net, device=self.device, progress=self.progress,
-                               transform=transform).to(self.device)
-
-
-class FeatureEvaluator(Evaluator):
-    """Metrics in the embedding of a fixed network: Fréchet distance, k-NN precision/recall, and,
-    when the network classifies, CAS (accuracy on generated samples labelled by their condition)
-    beside the same network's accuracy on the real held-out samples (the ceiling of CAS)."""
-
-    fd_name: ClassVar[str] = "fd"
-    k: ClassVar[int] = 3
-    """Neighbours for the precision/recall manifolds (Kynkäänniemi et al. use 3)."""
-
-    def embed(self, media: Any) -> tuple[Tensor, Tensor | None]:
-        """(features (N, D), class logits (N, K) or None) of real or generated media."""
-        raise NotImplementedError
-
-    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
-        features, logits = self.embed(self.as_generated(real))
-        return {"features": features, "logits": logits, "labels": known_labels(real)}
-
-    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
-        features, logits = self.embed(generated)
-        out = {self.fd_name: frechet_from_features(reference["features"], features),
-               **knn_precision_recall(reference["features"], features, k=self.k)}
-        if logits is not None and labels is not None:
-            out["cas"] = accuracy(logits, labels)
-        if reference["logits"] is not None and reference["labels"] is not None:
-            out["real_acc"] = accuracy(reference["logits"], reference["labels"])
-        return out
+from datamodules.video import VideoTransform
+from models.generators import AudioFlow, AudioVideoFlow, ImageFlow, ShapeFlow, VideoFlow
 
 
 class ImageEvaluator(FeatureEvaluator):
@@ -146,36 +64,9 @@ class ImageEvaluator(FeatureEvaluator):
         keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
         return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
-
-class CheckerEvaluator(Evaluator):
-    """Metrics a procedural checker reads back from the media (models/checkers/), nothing trained. The
-    held-out real samples scored the same way give the `real_` columns (the ceiling)."""
-
-    labelled: ClassVar[tuple[str, ...]] = ()
-    """Metrics that compare with the conditioning class (dropped when the samples have none)."""
-    real: ClassVar[tuple[str, ...]] = ()
-    """Metrics also reported for the real held-out samples, as real_<name>."""
-
-    def check(self, media: Any, labels: list[int]) -> dict[str, float]:
-        """The checker's scores of generated-form media; labels are zeros when unknown."""
-        raise NotImplementedError
-
-    def checked(self, media: Any, labels: Tensor | None) -> dict[str, float]:
-        n = len(media[0]) if isinstance(media, tuple) else len(media)
-        scores = self.check(media, [0] * n if labels is None else labels.tolist())
-        return scores if labels is not None else {k: v for k, v in scores.items() if k not in self.labelled}
-
-    def reference(self, real: dict[str, Any]) -> dict[str, float]:
-        scores = self.checked(self.as_generated(real), known_labels(real))
-        return {f"real_{k}": v for k, v in scores.items() if k in self.real}
-
-    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, float]) -> dict[str, float]:
-        return {**self.checked(generated, labels), **reference}
-
-
 class VideoEvaluator(CheckerEvaluator):
     """Bouncing-shape clips (synthetic_videos): the procedural checker reads shape, motion and frame
-    validity back from every clip (models/checkers/video.py); nothing is trained. The held-out clips
+    validity back from every clip (app/evaluation/checkers/video.py); nothing is trained. The held-out clips
     scored the same way give the `real_` ceiling."""
 
     labelled, real = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
@@ -190,7 +81,6 @@ class VideoEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-        from datamodules.video import VideoTransform
 
         tok = self.model.tokenizer
         return VideoTransform(size=tok.size, max_frames=tok.frames, frame_multiple=tok.tpatch)
@@ -200,14 +90,11 @@ class VideoEvaluator(CheckerEvaluator):
         self.net = self.train_feature_net(self.transform())
 
     def frame_features(self, clips: Any) -> Tensor:
-        from models.feature_net import as_frames
 
         frames, _ = as_frames([c.float().clamp(-1.0, 1.0) for c in clips], torch.zeros(len(clips), dtype=torch.long))
         return self.net.embed(frames.to(self.device))[0]
 
     def check(self, clips: Any, labels: list[int]) -> dict[str, float]:
-        from models.checkers.video import video_scores
-        from models.media import to_uint8_images
 
         return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
 
@@ -222,10 +109,9 @@ class VideoEvaluator(CheckerEvaluator):
         keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
         return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
-
 class AudioEvaluator(CheckerEvaluator):
     """Note clips (synthetic_audio): the procedural checker reads timbre, pitch and voicing back from every
-    clip (models/checkers/audio.py); nothing is trained. The held-out clips scored the same way give the
+    clip (app/evaluation/checkers/audio.py); nothing is trained. The held-out clips scored the same way give the
     `real_` ceiling (Griffin-Lim costs a little of it: see tests/test_audio.py)."""
 
     labelled, real = ("timbre_accuracy",), ("timbre_accuracy", "pitch_in_scale")
@@ -240,12 +126,10 @@ class AudioEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-        from datamodules.audio import AudioTransform
 
         return AudioTransform(sample_rate=self.model.sample_rate, max_seconds=60.0, min_seconds=0.0)
 
     def check(self, waves: Any, labels: list[int]) -> dict[str, float]:
-        from models.checkers.audio import audio_scores
 
         return audio_scores([w.detach().float().cpu().numpy() for w in waves], labels, self.model.sample_rate)
 
@@ -267,9 +151,8 @@ class AudioEvaluator(CheckerEvaluator):
         fd = frechet_from_features(reference["features"], self.mel_features(generated))
         return {"mel_fd": fd, **super().scores(generated, labels, reference["scores"])}
 
-
 class ShapeEvaluator(Evaluator):
-    """3D shapes: point-cloud scores (models/checkers/shape.py) of generated shapes against held-out ones.
+    """3D shapes: point-cloud scores (app/evaluation/checkers/shape.py) of generated shapes against held-out ones.
 
     A generated occupancy grid becomes a mesh by marching cubes (as in the PLY files) and `points`
     surface points; real shapes give their first `points` stored surface points. The class accuracy
@@ -295,13 +178,11 @@ class ShapeEvaluator(Evaluator):
         self.train_points, self.train_labels = list(train["x"].numpy()), known_labels(train)
 
     def transform(self) -> SampleTransform:
-        from datamodules.shapes import SurfacePoints
 
         return SurfacePoints(self.points)
 
     def point_sets(self, shapes: Tensor) -> tuple[list, float]:
         """Occupancy grids (B, R, R, R), or point sets (B, N, 3) as they are -> point sets, fraction empty."""
-        from models.media_shape import grid_to_mesh, sample_mesh_surface
 
         if shapes.ndim == 3 and shapes.shape[-1] == 3:
             return list(shapes.float().numpy()), 0.0
@@ -316,7 +197,6 @@ class ShapeEvaluator(Evaluator):
         return sets, empty / len(shapes)
 
     def class_accuracy(self, sets: list, labels: Tensor | None) -> dict[str, float]:
-        from models.checkers.shape import shape_class_accuracy
 
         if labels is None or self.train_labels is None:
             return {}
@@ -327,7 +207,6 @@ class ShapeEvaluator(Evaluator):
         return {"points": sets, **{f"real_{k}": v for k, v in self.class_accuracy(sets, known_labels(real)).items()}}
 
     def scores(self, generated: Tensor, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
-        from models.checkers.shape import coverage_mmd_from, pairwise_chamfer
 
         sets, empty = self.point_sets(generated)
         d = pairwise_chamfer(sets, reference["points"])  # (G, R)
@@ -339,10 +218,9 @@ class ShapeEvaluator(Evaluator):
     def info(self) -> dict[str, Any]:
         return {"points": self.points, "train_shapes": len(self.train_points)}
 
-
 class SyncEvaluator(CheckerEvaluator):
     """Audio-video clips (synthetic_audiovideo): distance from each visual floor contact to the nearest
-    audio onset (models/checkers/audiovideo.py); nothing is trained. The held-out clips give `real_`."""
+    audio onset (app/evaluation/checkers/audiovideo.py); nothing is trained. The held-out clips give `real_`."""
 
     real = ("sync_offset_ms", "sync_f1")
 
@@ -356,7 +234,6 @@ class SyncEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-        from datamodules.audiovideo import AudioVideoTransform
 
         tok = self.model.tokenizer
         return AudioVideoTransform(size=tok.size, max_frames=4096, frame_multiple=tok.tpatch, fps=self.model.fps,
@@ -366,37 +243,19 @@ class SyncEvaluator(CheckerEvaluator):
         return real["x"], real["audio"]
 
     def check(self, generated: Any, labels: list[int]) -> dict[str, float]:
-        from models.checkers.audiovideo import sync_scores
-        from models.media import to_uint8_images
 
         videos, audios = generated
         clips = [to_uint8_images(v.transpose(0, 1)) for v in videos]  # each (T, H, W, 3)
         waves = [a.detach().float().cpu().numpy() for a in audios]
         return sync_scores(clips, waves, self.model.fps, self.model.sample_rate)
 
-
-def num_classes_of(train_shards: str | list[str], model: Any) -> int:
-    """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
-    names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
-    if names.is_file():
-        return len(json.loads(names.read_text()))
-    n = getattr(model.cond, "num_classes", None)
-    if n is None:
-        raise UserError(f"{names}: not found, and the model is not class-conditional; the feature net "
-                        "needs the class names of the training shards (written by `duoflow shards`)")
-    return int(n)
-
-
 def _generator_classes() -> dict[type, type[Evaluator]]:
-    from models.generators import AudioFlow, AudioVideoFlow, ImageFlow, ShapeFlow, VideoFlow
 
     return {ImageFlow: ImageEvaluator, VideoFlow: VideoEvaluator, AudioFlow: AudioEvaluator, ShapeFlow: ShapeEvaluator,
             AudioVideoFlow: SyncEvaluator}
 
-
 EVALUATORS = _generator_classes()
 """Generator class -> its Evaluator (subclasses inherit their base's). Add one line per modality."""
-
 
 def evaluator_for(model: Any) -> type[Evaluator]:
     """The Evaluator of the generator's class, or of its nearest base class that has one."""
@@ -405,12 +264,3 @@ def evaluator_for(model: Any) -> type[Evaluator]:
             return EVALUATORS[klass]
     known = ", ".join(k.__name__ for k in EVALUATORS)
     raise UserError(f"no evaluator for {type(model).__name__} yet; generators with metrics: {known}")
-
-
-# ---------------------------------------------------------------- the shared pipeline
-
-
-def known_labels(samples: dict[str, Any]) -> Tensor | None:
-    """The samples' class ids, or None when any is unknown (-1: its shard had no cls field)."""
-    labels = samples.get("cls")
-    return labels if isinstance(labels, Tensor) and bool((labels >= 0).all()) else None

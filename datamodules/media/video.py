@@ -1,56 +1,17 @@
-"""Turning generated tensors into files a person can open (PNG, MP4 with optional audio; WAV/PLY per modality).
+"""Video as files: MP4 (H.264, optional AAC soundtrack) plus a PNG filmstrip of the clips.
 
 Letters: B batch, T frames, H/W height/width, S audio samples, K audio channels.
 """
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 
 import numpy as np
-import torch
 from PIL import Image
 from torch import Tensor
 
-
-def to_uint8_images(x: Tensor) -> np.ndarray:
-    """(B, 3, H, W) in [-1, 1] -> (B, H, W, 3) uint8."""
-    x = ((x.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
-
-
-def image_grid(images: np.ndarray, nrow: int | None = None, pad: int = 2) -> np.ndarray:
-    """(B, H, W, 3) uint8 -> one (rows*(H+pad)+pad, nrow*(W+pad)+pad, 3) grid image."""
-    b, h, w, c = images.shape
-    nrow = nrow or math.ceil(math.sqrt(b))
-    rows = math.ceil(b / nrow)
-    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, c), 255, np.uint8)
-    for i, img in enumerate(images):
-        r, k = divmod(i, nrow)
-        grid[pad + r * (h + pad) : pad + r * (h + pad) + h, pad + k * (w + pad) : pad + k * (w + pad) + w] = img
-    return grid
-
-
-def save_images(x: Tensor, out_dir: str | Path, prefix: str = "sample", grid: bool = True, upscale: int = 1) -> list[Path]:
-    """Write each image as PNG (and a grid.png); returns the paths, grid last."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    images = to_uint8_images(x)
-    paths = []
-    for i, img in enumerate(images):
-        path = out / f"{prefix}-{i:04d}.png"
-        Image.fromarray(img).save(path)
-        paths.append(path)
-    if grid:
-        g = Image.fromarray(image_grid(images))
-        if upscale > 1:
-            g = g.resize((g.width * upscale, g.height * upscale), Image.NEAREST)
-        path = out / f"{prefix}-grid.png"
-        g.save(path)
-        paths.append(path)
-    return paths
-
+from datamodules.media.image import image_grid, to_uint8_images
 
 AUDIO_LAYOUTS = {1: "mono", 2: "stereo"}
 AAC_SAMPLE_RATES = (7350, 8000, 11025, 12000, 16000, 22050, 24000, 32000, 44100, 48000, 64000, 88200, 96000)
@@ -111,26 +72,6 @@ def write_mp4(
             container.mux(sound.encode(chunk))  # the encoder re-chunks into AAC frames of 1024
             container.mux(sound.encode(None))
     return path
-
-
-def read_mp4(path: str | Path) -> tuple[np.ndarray, np.ndarray | None, float, int | None]:
-    """MP4 -> (frames uint8 (T, H, W, 3), audio float32 (S, K) or None, fps, sample_rate or None)."""
-    import av
-
-    with av.open(str(path)) as container:
-        video = container.streams.video[0]
-        sound = container.streams.audio[0] if container.streams.audio else None
-        frames, chunks = [], []
-        for frame in container.decode(*(s for s in (video, sound) if s is not None)):
-            if isinstance(frame, av.VideoFrame):
-                frames.append(frame.to_ndarray(format="rgb24"))
-            else:  # planar (K, S_i) or packed (1, S_i * K) -> (S_i, K)
-                chunk = frame.to_ndarray()
-                chunks.append(chunk.T if frame.format.is_planar else chunk.reshape(-1, len(frame.layout.channels)))
-        fps = float(video.average_rate or video.base_rate)
-        if sound is None:
-            return np.stack(frames), None, fps, None
-        return np.stack(frames), np.concatenate(chunks).astype(np.float32), fps, int(sound.rate)
 
 
 def save_videos(

@@ -3,7 +3,7 @@
 Letters: N real samples, M generated samples, D feature dimensions.
 
 Every function takes features from some fixed embedding network (for images our FeatureNet,
-models/feature_net.py) as torch tensors or numpy arrays, and computes in float64: the Fréchet
+app/evaluation/feature_net.py) as torch tensors or numpy arrays, and computes in float64: the Fréchet
 distance subtracts traces of nearly equal size, which float32 loses.
 
 - Fréchet distance (Heusel et al. 2017, "FID" with Inception features): the 2-Wasserstein

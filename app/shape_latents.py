@@ -26,7 +26,7 @@ from datamodules.shapes import checked_array
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import SampleTransform
 from datamodules.writers import CLASSES_NAME, ShardWriter, write_classes
-from models.shape_autoencoder import load_shape_codec
+from models.codecs.shape import load_shape_codec
 
 log = logging.getLogger("duoflow.data")
 

@@ -27,9 +27,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from app.evaluation.metrics import accuracy
 from datamodules.shards import expand_shards, read_samples
 from datamodules.transforms import ImageTransform, SampleTransform
-from models.metrics import accuracy
 
 log = logging.getLogger("duoflow.eval")
 

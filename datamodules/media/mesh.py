@@ -17,7 +17,7 @@ import torch
 from PIL import Image
 from skimage.measure import marching_cubes
 
-from models.media import image_grid
+from datamodules.media.image import image_grid
 
 MESH_SUFFIXES = (".ply", ".obj", ".off")
 BACKGROUND = np.array([24, 24, 32], np.float32)

@@ -17,7 +17,10 @@ import lightning as L
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 
+from app.evaluation.modalities import evaluator_for
+from app.evaluation.run import evaluate_generator
 from callbacks.ema import find_ema
+from datamodules.shards import read_samples
 
 log = logging.getLogger("duoflow.eval")
 
@@ -51,8 +54,6 @@ class Evaluation(L.Callback):
         self.last_scores: dict[str, float] = {}
 
     def setup_evaluator(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from app.evaluators import evaluator_for
-        from datamodules.shards import read_samples
 
         train_shards = getattr(trainer.datamodule, "train_shards", None)
         if train_shards is None:
@@ -65,7 +66,6 @@ class Evaluation(L.Callback):
 
     @rank_zero_only
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
-        from app.evaluate import evaluate_generator
 
         if trainer.global_step == self.last_step:
             return self.last_scores

@@ -24,8 +24,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from models.checkers.audio import HOP_S, detect_onsets, energy_db
-from models.checkers.video import MAX_AREA, MIN_AREA, foreground
+from app.evaluation.checkers.audio import HOP_S, detect_onsets, energy_db
+from app.evaluation.checkers.video import MAX_AREA, MIN_AREA, foreground
 
 CAP_MS = 500.0
 
