@@ -1,4 +1,7 @@
-"""Rectified-flow math as pure functions: path, timestep samplers, schedules, solvers, loss.
+"""Rectified-flow math as pure functions: path, timestep samplers, schedules, solvers, guidance.
+
+The loss is a per-sample mean squared velocity error over each sample's own tokens
+(``per_sample_mse`` beside the packed-batch code, since packing decides what a sample is).
 
 Time convention (SD3): t = 0 is data, t = 1 is noise.
 
@@ -46,25 +49,6 @@ def interpolate(x_0: Tensor, eps: Tensor, t: Tensor) -> Tensor:
 def velocity_target(x_0: Tensor, eps: Tensor) -> Tensor:
     """v = d x_t / dt = eps - x_0, constant along each straight path."""
     return eps - x_0
-
-
-def predict_x0(x_t: Tensor, v: Tensor, t: Tensor) -> Tensor:
-    """x_0 = x_t - t v: one Euler jump to t = 0, the model's current guess of the data (previews)."""
-    return x_t - expand_t(t, x_t) * v
-
-
-def gaussian_velocity(x_t: Tensor, t: Tensor, mean: float, std: float) -> Tensor:
-    """Exact E[eps - x_0 | x_t] for x_0 ~ N(mean, std^2) elementwise: a ground truth for solvers.
-
-    (v, x_t) are jointly Gaussian with E[v] = -mean, E[x_t] = (1 - t) mean,
-    Var(x_t) = (1 - t)^2 std^2 + t^2 and Cov(v, x_t) = t - (1 - t) std^2, so
-    E[v | x_t] = -mean + Cov / Var * (x_t - (1 - t) mean). Var > 0 on [0, 1] when std > 0
-    (it is std^2 at t = 0 and 1 at t = 1), so no division by zero at either end.
-    """
-    t = expand_t(t, x_t)
-    var = (1 - t) ** 2 * std**2 + t**2
-    cov = t - (1 - t) * std**2
-    return -mean + cov / var * (x_t - (1 - t) * mean)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -280,15 +264,6 @@ def cfg_velocity(v_cond: Tensor, v_uncond: Tensor, scale: float) -> Tensor:
     return v_uncond + scale * (v_cond - v_uncond)
 
 
-def cfg_v_fn(v_fn_cond_uncond: Callable[[Tensor, Tensor], tuple[Tensor, Tensor]], scale: float) -> VelocityFn:
-    """Wrap a (x_t, t) -> (v_cond, v_uncond) function into a guided VelocityFn for the solvers."""
-
-    def v_fn(x_t: Tensor, t: Tensor) -> Tensor:
-        return cfg_velocity(*v_fn_cond_uncond(x_t, t), scale)
-
-    return v_fn
-
-
 class Sampler:
     """ODE sampler from noise (t=1) to data (t=0). A plain (non-dataclass) base class so YAML
     picks a solver (Euler, Heun) by class_path."""
@@ -336,33 +311,3 @@ class Heun(GridSampler):
 
     def solve(self, v_fn: VelocityFn, x_1: Tensor, times: Tensor, progress: bool) -> Tensor:
         return heun_sample(v_fn, x_1, times, progress)
-
-
-# ---------------------------------------------------------------------------------------------
-# Loss
-# ---------------------------------------------------------------------------------------------
-
-
-def loss_weight_none(t: Tensor) -> Tensor:
-    """Uniform per-sample weight: the timestep sampler already decides which t matter."""
-    return torch.ones_like(t)
-
-
-def flow_loss(v_pred: Tensor, v_target: Tensor, weight: Tensor | None = None, mask: Tensor | None = None) -> Tensor:
-    """Mean over samples of each sample's mean squared velocity error, optionally weighted.
-
-    mask (True/1 = counts) is broadcastable to v_pred, e.g. (B, N, 1) for tokens (B, N, D):
-    padded elements leave each sample's mean, so padding never dilutes or adds to the loss
-    (even if they hold NaN). weight (B,) multiplies each sample's error before the batch mean.
-    """
-    dtype = torch.promote_types(v_pred.dtype, torch.float32)  # bf16 squares lose too much
-    sq = (v_pred.to(dtype) - v_target.to(dtype)) ** 2
-    if mask is None:
-        per_sample = sq.flatten(1).mean(1)  # (B,)
-    else:
-        keep = mask.bool().expand_as(sq)
-        total = torch.where(keep, sq, torch.zeros_like(sq)).flatten(1).sum(1)
-        per_sample = total / keep.flatten(1).sum(1).clamp_min(1)  # (B,); all-padded sample -> 0
-    if weight is not None:
-        per_sample = per_sample * weight
-    return per_sample.mean()

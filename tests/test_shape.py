@@ -24,7 +24,6 @@ from datamodules.media.mesh import (
     read_ply,
     sample_mesh_surface,
     save_meshes,
-    signed_volume,
     write_ply,
 )
 from datamodules.shapes import (
@@ -48,6 +47,12 @@ from tests.conftest import ROOT
 
 CONFIG = str(ROOT / "configs/shape/autoencoder.yaml")
 TINY_AE = ShapeAEConfig(latents=8, latent_dim=4, width=32, heads=2, dec_layers=1, fourier_bands=4, mlp_ratio=2.0)
+
+
+def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
+    """Volume enclosed by a closed mesh; positive when its faces wind counter-clockwise seen from outside."""
+    a, b, c = (np.asarray(vertices, np.float64)[faces[:, k]] for k in range(3))
+    return float(np.einsum("fi,fi->f", a, np.cross(b, c)).sum() / 6)
 
 
 def solid_params(solid: str, seed: int = 0) -> dict:

@@ -61,12 +61,6 @@ def grid_to_mesh(prob: np.ndarray | torch.Tensor, level: float = 0.5) -> tuple[n
     return verts.astype(np.float32), faces[:, ::-1].astype(np.int64)  # skimage winds inward: flip to outward
 
 
-def signed_volume(vertices: np.ndarray, faces: np.ndarray) -> float:
-    """Volume enclosed by a closed mesh; positive when its faces wind counter-clockwise seen from outside."""
-    a, b, c = (np.asarray(vertices, np.float64)[faces[:, k]] for k in range(3))
-    return float(np.einsum("fi,fi->f", a, np.cross(b, c)).sum() / 6)
-
-
 def sample_mesh_surface(vertices: np.ndarray, faces: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """(n, 3) float32 points uniform by area on a triangle mesh."""
     tri = np.asarray(vertices, np.float64)[np.asarray(faces)]  # (F, 3, 3)
