@@ -12,8 +12,8 @@ sigma 0.01 or 0.05): uniform queries teach the coarse volume, near ones the exac
 (3DShape2VecSet). Axes: z is up; synthetic solids stand upright (random turn about z, tilt up
 to 20 degrees), so captions such as "tall" keep their meaning.
 
-Solids are exact signed distance functions in their own frame (Inigo Quilez's formulas), so
-inside tests and surface distances are analytic. Legend: N surface points, M queries, V vertices,
+Solids (datamodules/solids.py) are exact signed distance functions, so inside tests and surface
+distances are analytic. Legend: N surface points, M queries, V vertices,
 F triangles.
 """
 
@@ -32,12 +32,12 @@ from tqdm import tqdm
 
 from datamodules.decoders import BadSample
 from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
+from datamodules.solids import SOLIDS, caption, inside, sdf, solid_of, surface, volume  # noqa: F401 (re-exported)
 from datamodules.transforms import SampleTransform
 from datamodules.writers import ShardWriter, write_classes
 
 log = logging.getLogger("duoflow.data")
 
-SOLIDS = ("sphere", "box", "cylinder", "torus", "cone")
 BOUND = 0.9
 """Every shape lies inside the ball of this radius (so inside the cube [-1, 1]^3 with a margin)."""
 RADIUS_RANGE = (0.45, 0.85)
@@ -47,153 +47,7 @@ NEAR_SIGMAS = (0.01, 0.05)
 """Noise scales of the near-surface queries (half of them each)."""
 
 
-# ---------------------------------------------------------------- analytic solids
-
-
-def _length(*parts: np.ndarray) -> np.ndarray:
-    return np.sqrt(sum(p * p for p in parts))
-
-
-def local_sdf(solid: str, params: dict, p: np.ndarray) -> np.ndarray:
-    """Exact signed distance (negative inside) of points p (M, 3) in the solid's own frame (axis z)."""
-    x, y, z = p[:, 0], p[:, 1], p[:, 2]
-    if solid == "sphere":
-        return _length(x, y, z) - params["radius"]
-    if solid == "box":
-        q = np.abs(p) - np.asarray(params["half_extents"])  # (M, 3)
-        return np.linalg.norm(np.maximum(q, 0), axis=1) + np.minimum(q.max(axis=1), 0)
-    rho = _length(x, y)
-    if solid == "cylinder":
-        dx, dz = rho - params["radius"], np.abs(z) - params["half_height"]
-        return np.minimum(np.maximum(dx, dz), 0) + _length(np.maximum(dx, 0), np.maximum(dz, 0))
-    if solid == "torus":
-        return _length(rho - params["major_radius"], z) - params["minor_radius"]
-    if solid == "cone":  # base disc of `radius` at z = -height/2, apex at z = +height/2
-        r, h = params["radius"], params["height"] / 2
-        cax = rho - np.minimum(rho, np.where(z < 0, r, 0.0))
-        cay = np.abs(z) - h
-        k2x, k2y = -r, 2 * h  # apex minus base rim, in (rho, z)
-        along = np.clip(((0 - rho) * k2x + (h - z) * k2y) / (k2x**2 + k2y**2), 0, 1)
-        cbx, cby = rho + k2x * along, z - h + k2y * along
-        sign = np.where((cbx < 0) & (cay < 0), -1.0, 1.0)
-        return sign * np.sqrt(np.minimum(cax**2 + cay**2, cbx**2 + cby**2))
-    raise ValueError(f"unknown solid {solid!r}; expected one of {SOLIDS}")
-
-
-def to_local(params: dict, points: np.ndarray) -> np.ndarray:
-    """World points (M, 3) -> the solid's frame: R^T (p - c), written for row vectors."""
-    return (np.asarray(points, np.float64) - np.asarray(params["center"])) @ np.asarray(params["rotation"])
-
-
-def sdf(solid: str, params: dict, points: np.ndarray) -> np.ndarray:
-    """Signed distance (M,) of world points (M, 3) to a posed solid; negative inside."""
-    return local_sdf(solid, params, to_local(params, points))
-
-
-def inside(solid: str, params: dict, points: np.ndarray) -> np.ndarray:
-    """bool (M,): which world points (M, 3) lie inside (or on) the posed solid."""
-    return sdf(solid, params, points) <= 0
-
-
-def volume(solid: str, params: dict) -> float:
-    """Closed-form volume (for tests and captions)."""
-    if solid == "sphere":
-        return 4 / 3 * np.pi * params["radius"] ** 3
-    if solid == "box":
-        return float(8 * np.prod(params["half_extents"]))
-    if solid == "cylinder":
-        return 2 * np.pi * params["radius"] ** 2 * params["half_height"]
-    if solid == "torus":
-        return 2 * np.pi**2 * params["major_radius"] * params["minor_radius"] ** 2
-    if solid == "cone":
-        return np.pi * params["radius"] ** 2 * params["height"] / 3
-    raise ValueError(f"unknown solid {solid!r}; expected one of {SOLIDS}")
-
-
-# ---------------------------------------------------------------- exact surface sampling
-
-
-def _disc(n: int, radius: float, z: float, rng: np.random.Generator) -> np.ndarray:
-    r, phi = radius * np.sqrt(rng.random(n)), rng.uniform(0, 2 * np.pi, n)
-    return np.stack([r * np.cos(phi), r * np.sin(phi), np.full(n, z)], axis=1)
-
-
-def local_surface(solid: str, params: dict, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3) points uniform by area on the solid's surface, in its own frame."""
-    if solid == "sphere":
-        d = rng.standard_normal((n, 3))
-        return params["radius"] * d / np.linalg.norm(d, axis=1, keepdims=True)
-    if solid == "box":
-        a = np.asarray(params["half_extents"])
-        areas = np.array([a[1] * a[2], a[0] * a[2], a[0] * a[1]])  # faces normal to x, y, z
-        axis = rng.choice(3, size=n, p=areas / areas.sum())
-        p = rng.uniform(-a, a, size=(n, 3))
-        p[np.arange(n), axis] = a[axis] * rng.choice([-1.0, 1.0], size=n)
-        return p
-    if solid == "cylinder":
-        r, h = params["radius"], params["half_height"]
-        side = rng.random(n) < 2 * h / (2 * h + r)  # lateral 4 pi r h vs caps 2 pi r^2
-        phi, k = rng.uniform(0, 2 * np.pi, n), int((~side).sum())
-        p = np.stack([r * np.cos(phi), r * np.sin(phi), rng.uniform(-h, h, n)], axis=1)
-        p[~side] = _disc(k, r, 0.0, rng) + np.c_[np.zeros((k, 2)), h * rng.choice([-1.0, 1.0], size=k)]
-        return p
-    if solid == "torus":  # tube angle theta has density (R + r cos theta): rejection sampling
-        big, r = params["major_radius"], params["minor_radius"]
-        thetas = np.empty(0)
-        while len(thetas) < n:
-            theta = rng.uniform(0, 2 * np.pi, 2 * n)
-            keep = rng.random(2 * n) * (big + r) < big + r * np.cos(theta)
-            thetas = np.concatenate([thetas, theta[keep]])
-        theta, phi = thetas[:n], rng.uniform(0, 2 * np.pi, n)
-        ring = big + r * np.cos(theta)
-        return np.stack([ring * np.cos(phi), ring * np.sin(phi), r * np.sin(theta)], axis=1)
-    if solid == "cone":
-        r, height = params["radius"], params["height"]
-        slant = np.hypot(r, height)
-        side = rng.random(n) < slant / (slant + r)  # lateral pi r l vs base pi r^2
-        t, phi = np.sqrt(rng.random(n)), rng.uniform(0, 2 * np.pi, n)  # t: fraction of the way from the apex
-        p = np.stack([t * r * np.cos(phi), t * r * np.sin(phi), height / 2 - t * height], axis=1)
-        p[~side] = _disc(int((~side).sum()), r, -height / 2, rng)
-        return p
-    raise ValueError(f"unknown solid {solid!r}; expected one of {SOLIDS}")
-
-
-def surface(solid: str, params: dict, n: int, rng: np.random.Generator) -> np.ndarray:
-    """(n, 3) world points uniform by area on the posed solid."""
-    return local_surface(solid, params, n, rng) @ np.asarray(params["rotation"]).T + np.asarray(params["center"])
-
-
 # ---------------------------------------------------------------- random solids
-
-
-def bounding_radius(solid: str, params: dict) -> float:
-    """Largest distance of the solid from its own centre."""
-    if solid == "sphere":
-        return params["radius"]
-    if solid == "box":
-        return float(np.linalg.norm(params["half_extents"]))
-    if solid == "cylinder":
-        return float(np.hypot(params["radius"], params["half_height"]))
-    if solid == "torus":
-        return params["major_radius"] + params["minor_radius"]
-    if solid == "cone":
-        return float(np.hypot(params["radius"], params["height"] / 2))
-    raise ValueError(f"unknown solid {solid!r}; expected one of {SOLIDS}")
-
-
-def random_proportions(solid: str, rng: np.random.Generator) -> dict:
-    """Dimensions of a solid at an arbitrary scale (scaled to a bounding radius afterwards)."""
-    if solid == "sphere":
-        return {"radius": 1.0}
-    if solid == "box":
-        return {"half_extents": rng.uniform(0.25, 1.0, 3).tolist()}
-    if solid == "cylinder":
-        return {"radius": 1.0, "half_height": float(np.exp(rng.uniform(np.log(0.25), np.log(2.5))))}
-    if solid == "torus":
-        return {"major_radius": 1.0, "minor_radius": float(rng.uniform(0.15, 0.6))}
-    if solid == "cone":
-        return {"radius": 1.0, "height": float(np.exp(rng.uniform(np.log(0.6), np.log(4.0))))}
-    raise ValueError(f"unknown solid {solid!r}; expected one of {SOLIDS}")
 
 
 def upright_rotation(rng: np.random.Generator, max_tilt: float = MAX_TILT) -> np.ndarray:
@@ -216,37 +70,13 @@ def random_solid(rng: np.random.Generator) -> tuple[int, dict]:
     """(class index, params): a random solid, size and pose inside the ball of radius BOUND."""
     label = int(rng.integers(len(SOLIDS)))
     solid = SOLIDS[label]
-    dims = random_proportions(solid, rng)
+    kind = solid_of(solid)
+    dims = kind.proportions(rng)
     radius = float(rng.uniform(*RADIUS_RANGE))
-    dims = _scaled(dims, radius / bounding_radius(solid, dims))
+    dims = _scaled(dims, radius / kind.bounding_radius(dims))
     direction = rng.standard_normal(3)
     offset = (BOUND - radius) * rng.random() ** (1 / 3) * direction / np.linalg.norm(direction)  # uniform in a ball
     return label, {"solid": solid, **dims, "rotation": upright_rotation(rng).tolist(), "center": offset.tolist()}
-
-
-def caption(solid: str, params: dict) -> str:
-    """A short description such as "a small tall cylinder" or "a large thick torus"."""
-    radius = bounding_radius(solid, params)
-    size = "small" if radius < 0.58 else "medium" if radius < 0.72 else "large"
-    noun, look = solid, ""
-    if solid == "box":
-        small, mid, big = sorted(params["half_extents"])
-        if big / small < 1.4:
-            noun = "cube"
-        elif small / mid < 0.5:
-            look = "flat"
-        elif big / mid > 2:
-            look = "long"
-    elif solid == "cylinder":
-        aspect = params["half_height"] / params["radius"]  # height / diameter
-        look = "tall" if aspect > 1.3 else "flat" if aspect < 0.6 else ""
-    elif solid == "cone":
-        aspect = params["height"] / (2 * params["radius"])
-        look = "tall" if aspect > 1.2 else "flat" if aspect < 0.6 else ""
-    elif solid == "torus":
-        ratio = params["minor_radius"] / params["major_radius"]
-        look = "thin" if ratio < 0.3 else "thick" if ratio > 0.45 else ""
-    return " ".join(w for w in ("a", size, look, noun) if w)
 
 
 def near_surface_queries(surface_points: np.ndarray, rng: np.random.Generator) -> np.ndarray:
