@@ -13,6 +13,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from models.training import require_run_state
+
 CKPT_KEY = "ema_state_dict"
 
 
@@ -48,7 +50,7 @@ class EMA(L.Callback):
 
     @torch.no_grad()
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args: Any) -> None:
-        if not getattr(pl_module, "last_step_applied", True):
+        if not require_run_state(pl_module, "EMA").last_step_applied:
             return  # a skipped (non-finite) step leaves the average untouched
         if trainer.global_step % self.every_n_steps:
             return

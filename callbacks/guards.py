@@ -12,6 +12,8 @@ from pathlib import Path
 
 import lightning as L
 
+from models.training import require_run_state
+
 log = logging.getLogger("duoflow.guards")
 
 
@@ -31,7 +33,7 @@ class NonFiniteGuard(L.Callback):
         self.message = ""
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, *args) -> None:
-        streak = getattr(pl_module, "nonfinite_streak", 0)
+        streak = require_run_state(pl_module, "NonFiniteGuard").nonfinite_streak
         if streak < self.max_consecutive or self.tripped:
             return
         self.tripped = True

@@ -1,10 +1,12 @@
 """Sample previews during training: generated with the EMA weights, written to the run
-directory and sent to the experiment tracker."""
+directory and sent to the experiment tracker (the preview image, and a few MP4/WAV files where the
+logger can show them: W&B's ``log_image`` / ``log_video`` / ``log_audio``)."""
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import lightning as L
 from lightning.pytorch.utilities import rank_zero_only
@@ -12,6 +14,27 @@ from lightning.pytorch.utilities import rank_zero_only
 from callbacks.ema import find_ema
 
 log = logging.getLogger("duoflow.samples")
+
+
+MEDIA_PANELS = {".mp4": ("log_video", "videos"), ".wav": ("log_audio", "audios")}
+"""File suffix -> (logger method, its keyword for the files)."""
+MAX_FILES = 4
+
+
+def log_media(logger: Any, paths: list[Path], step: int, sample_rate: int | None = None) -> None:
+    """Send a preview's image (its last path, a PNG) and up to MAX_FILES media files per kind to the tracker.
+
+    Loggers without a method for a kind (not every Lightning logger shows video or audio) skip it."""
+    if not paths:
+        return
+    if paths[-1].suffix == ".png" and hasattr(logger, "log_image"):
+        logger.log_image(key="samples", images=[str(paths[-1])], step=step)
+    for suffix, (method, keyword) in MEDIA_PANELS.items():
+        files = [str(p) for p in paths if p.suffix == suffix][:MAX_FILES]
+        if not files or not hasattr(logger, method):
+            continue
+        extra = {"sample_rate": [sample_rate] * len(files)} if suffix == ".wav" else {}
+        getattr(logger, method)(key=f"samples/{suffix[1:]}", **{keyword: files}, step=step, **extra)
 
 
 class SamplePreview(L.Callback):
@@ -56,7 +79,7 @@ class SamplePreview(L.Callback):
         paths = pl_module.save_media(x, self.out_dir(trainer), prefix=f"step{trainer.global_step:07d}")
         log.info("samples at step %d: %s", trainer.global_step, paths[-1])
         if trainer.logger is not None:
-            pl_module.log_media(trainer.logger, paths, trainer.global_step)
+            log_media(trainer.logger, paths, trainer.global_step, pl_module.sample_rate)
         return paths
 
     def generate(self, pl_module: L.LightningModule):

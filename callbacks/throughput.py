@@ -11,6 +11,8 @@ import time
 
 import lightning as L
 
+from models.training import require_run_state
+
 
 class Throughput(L.Callback):
     def __init__(self, window: int = 20, peak_flops: float | None = None):
@@ -34,7 +36,7 @@ class Throughput(L.Callback):
             self.t0 = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch, batch_idx: int) -> None:
-        lengths = list(getattr(pl_module, "last_lengths", []))  # joint tokens per sample of this step
+        lengths = list(require_run_state(pl_module, "Throughput").last_lengths)  # joint tokens per sample
         b = len(lengths)
         self.samples += b
         self.tokens += sum(lengths)

@@ -52,6 +52,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
     media_suffix: ClassVar[str] = ".pt"
     num_generated: ClassVar[int] = 1
     """Generated streams; the backbone has one more (the context)."""
+    sample_rate: int | None = None
+    """Audio rate of the generated media (audio generators), for writers and the tracker's audio panel."""
 
     def __init__(
         self,
@@ -194,7 +196,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
     # ---- training ----------------------------------------------------------------------
 
     def configure_optimizers(self) -> Any:
-        return adamw_with_warmup(self.parameters(), self.optim)
+        return adamw_with_warmup(self, self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch, self.noise_generator())
@@ -269,21 +271,6 @@ class FlowMatchingModule(RunState, L.LightningModule):
         path = out / f"{prefix}{self.media_suffix}"
         torch.save(x.cpu(), path)
         return [path]
-
-    def log_media(self, logger: Any, paths: list[Path], step: int) -> None:
-        """Send the preview image and a few media files (MP4 video, WAV audio) to the tracker (W&B)."""
-        if not paths:
-            return
-        log_image = getattr(logger, "log_image", None)
-        if log_image is not None and paths[-1].suffix == ".png":
-            log_image(key="samples", images=[str(paths[-1])], step=step)
-        for suffix, method in ((".mp4", "log_video"), (".wav", "log_audio")):
-            files = [str(p) for p in paths if p.suffix == suffix][:4]
-            log_fn = getattr(logger, method, None)
-            if files and log_fn is not None:
-                extra = {"sample_rate": [getattr(self, "sample_rate", None)] * len(files)} if suffix == ".wav" else {}
-                log_fn(key=f"samples/{suffix[1:]}", **{"videos" if suffix == ".mp4" else "audios": files}, step=step,
-                       **extra)
 
 
 class ImageFlow(FlowMatchingModule):

@@ -25,7 +25,6 @@ from models.codecs.shape import ShapeAEConfig, ShapeCodec
 from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step
 
 
-
 def occupancy_iou(logits: Tensor, occ: Tensor) -> Tensor:
     """Per-shape IoU (B,) of predicted (logit > 0) and true occupancy (B, M); 1 when both are empty."""
     pred, true = logits > 0, occ > 0.5
@@ -71,7 +70,7 @@ class ShapeAutoencoder(RunState, L.LightningModule):
                 "iou": occupancy_iou(logits.detach(), batch["occ"]), "mean": mean.detach()}
 
     def configure_optimizers(self) -> Any:
-        return adamw_with_warmup(self.parameters(), self.optim)
+        return adamw_with_warmup(self, self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.losses(batch, self.noise_generator())

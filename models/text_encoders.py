@@ -23,8 +23,8 @@ never trained, never in the generator checkpoint, which stores their ``fingerpri
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 

@@ -34,15 +34,45 @@ class OptimConfig:
     """Peak learning rate of AdamW."""
     betas: tuple[float, float] = (0.9, 0.99)
     weight_decay: float = 0.0
+    """AdamW weight decay of the matmul weights (norms, biases and embeddings never decay)."""
     warmup_steps: int = 0
     """Linear warm-up from 0 to lr over this many optimizer steps, then constant."""
     grad_clip: float = 1.0
     """Clip the global gradient norm to this value; 0 disables clipping."""
 
 
-def adamw_with_warmup(parameters: Iterable[nn.Parameter], optim: OptimConfig) -> dict[str, Any]:
-    """AdamW plus a per-step LambdaLR: linear warm-up over ``optim.warmup_steps``, then constant."""
-    opt = torch.optim.AdamW(parameters, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay)
+DECAYED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+"""Modules whose ``weight`` is a matmul weight: the only parameters weight decay applies to."""
+
+
+def decay_groups(module: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """AdamW parameter groups as nanoGPT makes them: matmul weights (Linear/Conv ``weight``, attention
+    ``in_proj_weight``) decay; biases, norm scales, embeddings (the null class row among them) and
+    learned tokens/positions do not: shrinking those towards 0 only removes information."""
+    decay: list[nn.Parameter] = []
+    for m in module.modules():
+        if isinstance(m, DECAYED):
+            decay.append(m.weight)
+        elif isinstance(m, nn.MultiheadAttention) and m.in_proj_weight is not None:
+            decay.append(m.in_proj_weight)
+    chosen = {id(p) for p in decay}
+    params = list(module.parameters())
+    return [
+        {"params": [p for p in params if id(p) in chosen], "weight_decay": weight_decay},
+        {"params": [p for p in params if id(p) not in chosen], "weight_decay": 0.0},
+    ]
+
+
+def adamw_with_warmup(module: nn.Module, optim: OptimConfig) -> dict[str, Any]:
+    """AdamW plus a per-step LambdaLR: linear warm-up over ``optim.warmup_steps``, then constant.
+
+    With ``weight_decay > 0`` the parameters split into ``decay_groups``. The update runs as one
+    fused kernel on CUDA (``fused=True``) and as multi-tensor ``foreach`` ops elsewhere."""
+    params = list(module.parameters())  # frozen ones too (no grad, never updated), as checkpoints store them
+    groups = decay_groups(module, optim.weight_decay) if optim.weight_decay > 0 else params
+    fused = bool(params) and all(p.is_cuda for p in params)
+    opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
+                            fused=fused, foreach=not fused)
     warm = max(optim.warmup_steps, 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / warm) if warm else 1.0)
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
@@ -91,6 +121,14 @@ def guarded_step(module: Any, loss: Tensor, batch_size: int) -> bool:
     return applied
 
 
+def require_run_state(module: object, user: str) -> "RunState":
+    """``module`` as a RunState, or one error line saying the callback ``user`` needs one."""
+    if not isinstance(module, RunState):
+        raise TypeError(f"{user} needs a duoflow training module (models.training.RunState: the generators "
+                        f"and the shape autoencoder), got {type(module).__name__}")
+    return module
+
+
 def noise_seed(base: int, rank: int, draw: int) -> int:
     """A 63-bit seed for (run seed, rank, draw), well mixed (numpy's SeedSequence) so neighbouring
     ranks and draws get unrelated streams."""
@@ -122,12 +160,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
 class RunState:
     """Mixin (before ``L.LightningModule`` in the bases) for every duoflow training module: the
     counters ``guarded_step`` and the guard callback use, the per-rank training noise, and the run
-    state a resume needs in checkpoints. Call ``init_run_state()`` in ``__init__``."""
+    state a resume needs in checkpoints. Call ``init_run_state()`` in ``__init__``.
+
+    It is also the declared protocol between modules and callbacks: the attributes set in
+    ``init_run_state`` are what callbacks read, and ``require_run_state`` checks a module has them."""
 
     def init_run_state(self) -> None:
+        # what the callbacks read (callbacks/guards.py, ema.py, throughput.py) and app/cli.py writes
         self.last_step_applied = False
+        """Whether the last training step updated the weights (EMA skips the others)."""
         self.nonfinite_streak = 0
+        """Skipped (non-finite) steps in a row (NonFiniteGuard stops a run of them)."""
         self.nonfinite_total = 0
+        self.last_lengths: list[int] = []
+        """Tokens per sample of the last training batch (Throughput; empty for modules without tokens)."""
+        self.duoflow_config: str | None = None
+        """The resolved run config as YAML text (set by the CLI before fit), stored in every checkpoint."""
         self.noise_seed: int | None = None
         """Base seed of the training noise, agreed by all ranks at fit start and kept in checkpoints."""
         self.noise_draws = 0
@@ -158,7 +206,7 @@ class RunState:
         checkpoint["duoflow_nonfinite_total"] = self.nonfinite_total
         checkpoint["duoflow_noise"] = {"seed": self.noise_seed, "draws": self.noise_draws}
         checkpoint["duoflow_rng"] = rng_state()  # the global RNGs too, for anything else that draws from them
-        if getattr(self, "duoflow_config", None):
+        if self.duoflow_config:
             checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -200,3 +200,32 @@ def test_ddp_nan_on_one_rank_skips_on_all(tmp_path: Path) -> None:
     # ... and draw different t and noise: one base seed agreed by both, then a seed per (rank, batch)
     assert r0["noise_base"] == r1["noise_base"] and len(r0["noise_seeds"]) == len(r1["noise_seeds"]) == 10
     assert len(set(r0["noise_seeds"]) | set(r1["noise_seeds"])) == 20
+
+
+def test_weight_decay_groups_spare_norms_biases_and_embeddings() -> None:
+    """nanoGPT's groups: only matmul weights decay; the class table (with its null row), biases,
+    norm scales and learned tokens keep weight_decay 0, and every parameter is in exactly one group."""
+    from models.conditioning import ByteText, ClassLabel
+    from models.training import OptimConfig, adamw_with_warmup, decay_groups
+
+    def tiny_generator(conditioning):
+        return ImageFlow(tokenizer=ImagePatches(3, 8, 2), conditioning=conditioning,
+                         backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1))
+
+    model = tiny_generator(conditioning=ClassLabel(num_classes=3))
+    decay, no_decay = decay_groups(model, 0.1)
+    names = {id(p): n for n, p in model.named_parameters()}
+    decayed = {names[id(p)] for p in decay["params"]}
+    spared = {names[id(p)] for p in no_decay["params"]}
+    assert decayed and not decayed & spared and decayed | spared == set(names.values())
+    assert all(n.endswith("weight") and "norm" not in n for n in decayed)
+    assert "cond.table.weight" in spared and any(n.endswith("bias") for n in spared)
+    assert any("q_norm" in n for n in spared)
+    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
+    text = tiny_generator(conditioning=ByteText(max_len=8, layers=1, heads=2))
+    spared_text = {n for n, p in text.named_parameters() if id(p) in {id(q) for q in decay_groups(text, 0.1)[1]["params"]}}
+    assert {"cond.pos", "cond.embed.weight"} <= spared_text
+    assert not any("self_attn.in_proj_weight" in n for n in spared_text)  # attention matmuls decay
+    opt = adamw_with_warmup(model, OptimConfig(weight_decay=0.1))["optimizer"]
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert len(adamw_with_warmup(model, OptimConfig())["optimizer"].param_groups) == 1  # no decay: one group, as before

@@ -48,7 +48,7 @@ class Evaluation(L.Callback):
         self.cfg_scale, self.seed, self.batch_size = cfg_scale, seed, batch_size
         self.feature_steps, self.feature_net, self.at_end = feature_steps, feature_net, at_end
         self.evaluator: Any = None
-        self.real: dict[str, Any] = {}
+        self.held_out: dict[str, Any] = {}
         self.reference: Any = None
         self.last_step = -1
         self.last_scores: dict[str, float] = {}
@@ -61,8 +61,8 @@ class Evaluation(L.Callback):
         klass = evaluator_for(pl_module)
         self.evaluator = klass(pl_module, train_shards, pl_module.device, seed=self.seed, progress=False,
                                feature_steps=self.feature_steps, feature_net=self.feature_net)
-        self.real = read_samples(self.data, self.evaluator.transform(), self.num)
-        self.reference = self.evaluator.reference(self.real)
+        self.held_out = read_samples(self.data, self.evaluator.transform(), self.num)
+        self.reference = self.evaluator.reference(self.held_out)
 
     @rank_zero_only
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
@@ -76,8 +76,8 @@ class Evaluation(L.Callback):
             ema = find_ema(trainer)
             swap = ema.swapped(pl_module) if ema is not None else nullcontext()
             with swap:
-                scores = evaluate_generator(self.evaluator, pl_module, self.real, self.reference,
-                                            len(self.real["__key__"]), self.steps, self.cfg_scale, self.seed,
+                scores = evaluate_generator(self.evaluator, pl_module, self.held_out, self.reference,
+                                            len(self.held_out["__key__"]), self.steps, self.cfg_scale, self.seed,
                                             self.batch_size, progress=False)
         self.last_scores = scores
         metrics = {f"eval/{k}": v for k, v in scores.items()}

@@ -6,7 +6,7 @@ A new modality plugs in with an Evaluator subclass and one EVALUATORS entry. Thr
   (named by `fd_name`), precision/recall and CAS come for free (images);
 - procedural checkers: subclass `CheckerEvaluator`, implement `check(media, labels)` with a
   checker from app/evaluation/checkers/ (video, audio, audio-video sync); `real_` ceilings come for free;
-- anything else: subclass `Evaluator`, implement `transform()`, `reference(real)` (what is
+- anything else: subclass `Evaluator`, implement `transform()`, `reference(held_out)` (what is
   computed once per real set) and `scores(generated, labels, reference) -> {metric: float}` (3D).
 `duoflow evaluate` (app/evaluate.py) and the in-loop callback (app/evaluation/callback.py) run them.
 """
@@ -57,13 +57,13 @@ class Evaluator:
         """How real samples are read from shards, matching the generator's output media."""
         raise NotImplementedError
 
-    def as_generated(self, real: dict[str, Any]) -> Any:
+    def as_generated(self, held_out: dict[str, Any]) -> Any:
         """Real samples in the form `generate` returns (for the real reference and the perfect-generator check)."""
-        return real["x"]
+        return held_out["x"]
 
-    def reference(self, real: dict[str, Any]) -> Any:
+    def reference(self, held_out: dict[str, Any]) -> Any:
         """What the scores need from the real held-out set, computed once (default: the samples)."""
-        return real
+        return held_out
 
     def scores(self, generated: Any, labels: Tensor | None, reference: Any) -> dict[str, float]:
         """Metrics of generated media (labels: the class each was conditioned on, or None)."""
@@ -96,9 +96,9 @@ class FeatureEvaluator(Evaluator):
         """(features (N, D), class logits (N, K) or None) of real or generated media."""
         raise NotImplementedError
 
-    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
-        features, logits = self.embed(self.as_generated(real))
-        return {"features": features, "logits": logits, "labels": known_labels(real)}
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        features, logits = self.embed(self.as_generated(held_out))
+        return {"features": features, "logits": logits, "labels": known_labels(held_out)}
 
     def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
         features, logits = self.embed(generated)
@@ -117,8 +117,8 @@ class CheckerEvaluator(Evaluator):
 
     labelled: ClassVar[tuple[str, ...]] = ()
     """Metrics that compare with the conditioning class (dropped when the samples have none)."""
-    real: ClassVar[tuple[str, ...]] = ()
-    """Metrics also reported for the real held-out samples, as real_<name>."""
+    ceiling: ClassVar[tuple[str, ...]] = ()
+    """Metrics also reported for the real held-out samples, as real_<name> (the ceiling)."""
 
     def check(self, media: Any, labels: list[int]) -> dict[str, float]:
         """The checker's scores of generated-form media; labels are zeros when unknown."""
@@ -129,9 +129,9 @@ class CheckerEvaluator(Evaluator):
         scores = self.check(media, [0] * n if labels is None else labels.tolist())
         return scores if labels is not None else {k: v for k, v in scores.items() if k not in self.labelled}
 
-    def reference(self, real: dict[str, Any]) -> dict[str, float]:
-        scores = self.checked(self.as_generated(real), known_labels(real))
-        return {f"real_{k}": v for k, v in scores.items() if k in self.real}
+    def reference(self, held_out: dict[str, Any]) -> dict[str, float]:
+        scores = self.checked(self.as_generated(held_out), known_labels(held_out))
+        return {f"real_{k}": v for k, v in scores.items() if k in self.ceiling}
 
     def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, float]) -> dict[str, float]:
         return {**self.checked(generated, labels), **reference}

@@ -69,7 +69,7 @@ class VideoEvaluator(CheckerEvaluator):
     validity back from every clip (app/evaluation/checkers/video.py); nothing is trained. The held-out clips
     scored the same way give the `real_` ceiling."""
 
-    labelled, real = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
+    labelled, ceiling = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
 
     descriptions = {
         "frame_fd": "per-frame Fréchet distance in a feature net trained on the training clips' frames (lower is better)",
@@ -98,8 +98,8 @@ class VideoEvaluator(CheckerEvaluator):
 
         return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
 
-    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
-        return {"scores": super().reference(real), "features": self.frame_features(self.as_generated(real))}
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        return {"scores": super().reference(held_out), "features": self.frame_features(self.as_generated(held_out))}
 
     def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
         fd = frechet_from_features(reference["features"], self.frame_features(generated))
@@ -114,7 +114,7 @@ class AudioEvaluator(CheckerEvaluator):
     clip (app/evaluation/checkers/audio.py); nothing is trained. The held-out clips scored the same way give the
     `real_` ceiling (Griffin-Lim costs a little of it: see tests/test_audio.py)."""
 
-    labelled, real = ("timbre_accuracy",), ("timbre_accuracy", "pitch_in_scale")
+    labelled, ceiling = ("timbre_accuracy",), ("timbre_accuracy", "pitch_in_scale")
 
     descriptions = {
         "mel_fd": "Fréchet distance of per-clip log-mel statistics (mean and std of each mel band; lower is better)",
@@ -144,8 +144,8 @@ class AudioEvaluator(CheckerEvaluator):
             feats.append(torch.cat([mel.mean(dim=-1), mel.std(dim=-1, unbiased=False)]).cpu())
         return torch.stack(feats)
 
-    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
-        return {"scores": super().reference(real), "features": self.mel_features(real["x"])}
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        return {"scores": super().reference(held_out), "features": self.mel_features(held_out["x"])}
 
     def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
         fd = frechet_from_features(reference["features"], self.mel_features(generated))
@@ -202,9 +202,9 @@ class ShapeEvaluator(Evaluator):
             return {}
         return {"acc": shape_class_accuracy(sets, labels.tolist(), self.train_points, self.train_labels.tolist())}
 
-    def reference(self, real: dict[str, Any]) -> dict[str, Any]:
-        sets, _ = self.point_sets(real["x"])
-        return {"points": sets, **{f"real_{k}": v for k, v in self.class_accuracy(sets, known_labels(real)).items()}}
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        sets, _ = self.point_sets(held_out["x"])
+        return {"points": sets, **{f"real_{k}": v for k, v in self.class_accuracy(sets, known_labels(held_out)).items()}}
 
     def scores(self, generated: Tensor, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
 
@@ -222,7 +222,7 @@ class SyncEvaluator(CheckerEvaluator):
     """Audio-video clips (synthetic_audiovideo): distance from each visual floor contact to the nearest
     audio onset (app/evaluation/checkers/audiovideo.py); nothing is trained. The held-out clips give `real_`."""
 
-    real = ("sync_offset_ms", "sync_f1")
+    ceiling = ("sync_offset_ms", "sync_f1")
 
     descriptions = {
         "sync_offset_ms": "mean distance from a visual contact to the nearest audio onset (ms, capped at 500)",
@@ -239,8 +239,8 @@ class SyncEvaluator(CheckerEvaluator):
         return AudioVideoTransform(size=tok.size, max_frames=4096, frame_multiple=tok.tpatch, fps=self.model.fps,
                                    sample_rate=self.model.sample_rate)
 
-    def as_generated(self, real: dict[str, Any]) -> Any:
-        return real["x"], real["audio"]
+    def as_generated(self, held_out: dict[str, Any]) -> Any:
+        return held_out["x"], held_out["audio"]
 
     def check(self, generated: Any, labels: list[int]) -> dict[str, float]:
 

@@ -1,0 +1,49 @@
+"""Callbacks against the declared module protocol (models.training.RunState) and the tracker."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from callbacks.ema import EMA
+from callbacks.guards import NonFiniteGuard
+from callbacks.samples import log_media
+from callbacks.throughput import Throughput
+
+
+class Recorder:
+    """A logger with W&B's media methods, recording the calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, dict]] = []
+
+    def log_image(self, **kw) -> None:
+        self.calls.append(("image", kw))
+
+    def log_video(self, **kw) -> None:
+        self.calls.append(("video", kw))
+
+    def log_audio(self, **kw) -> None:
+        self.calls.append(("audio", kw))
+
+
+def test_log_media_sends_the_preview_and_a_few_files_per_kind() -> None:
+    wavs = [Path(f"s-{i}.wav") for i in range(6)]
+    rec = Recorder()
+    log_media(rec, [*wavs, Path("s-spectrograms.png")], step=7, sample_rate=8000)
+    kinds = [k for k, _ in rec.calls]
+    assert kinds == ["image", "audio"]
+    audio = rec.calls[1][1]
+    assert len(audio["audios"]) == 4 and audio["sample_rate"] == [8000] * 4 and audio["step"] == 7
+    rec = Recorder()
+    log_media(rec, [Path("a.mp4"), Path("grid.png")], step=1)
+    assert [k for k, _ in rec.calls] == ["image", "video"] and rec.calls[1][1]["videos"] == ["a.mp4"]
+    log_media(object(), [Path("a.mp4"), Path("grid.png")], step=1)  # a logger without media panels: nothing, no error
+
+
+@pytest.mark.parametrize("callback", [NonFiniteGuard(), EMA(), Throughput()])
+def test_callbacks_refuse_a_module_without_the_run_state_in_one_line(callback: L.Callback) -> None:
+    with pytest.raises(TypeError, match=r"needs a duoflow training module \(models.training.RunState"):
+        callback.on_train_batch_end(None, L.LightningModule(), None, None, 0)
