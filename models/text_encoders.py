@@ -32,7 +32,15 @@ import torch
 import transformers
 from torch import Tensor, nn
 
-from models.pretrained_files import FrozenModules, folder_fingerprint, model_folder, read_config, torch_dtype
+from models.pretrained_files import (
+    FrozenModules,
+    check_fingerprint,
+    folder_fingerprint,
+    model_folder,
+    read_config,
+    resolve_path,
+    torch_dtype,
+)
 
 
 def masked_mean(tokens: Tensor, mask: Tensor) -> Tensor:
@@ -83,6 +91,8 @@ class TextEncoderSpec:
     """Weights' dtype: float32, bfloat16 or float16. Outputs are float32."""
     layer: int | None = None
     """Token states from hidden_states[layer] (SD3's CLIPs: -2); None = last_hidden_state."""
+    fingerprint: str | None = None
+    """Expected fingerprint of the folder (a generator checkpoint records it); None = not checked."""
 
     def __post_init__(self) -> None:
         if self.kind is not None and self.kind not in KINDS:
@@ -151,14 +161,17 @@ class TextEncoder:
         self.spec = spec
         self.kind = spec.kind or detect_kind(spec.folder, config)
         self.normalize_pooled = self.kind == "mean_pooled" and "Normalize" in sentence_transformer_modules(spec.folder)
+        if spec.fingerprint:
+            check_fingerprint(spec.path, spec.subfolder, spec.fingerprint, spec.tokenizer_subfolder)
         self.fingerprint = folder_fingerprint(spec.folder, spec.tokenizer_folder)
         kind = KINDS[self.kind]
         name = T5_CLASSES.get(config.get("model_type"), kind.model_class) if self.kind == "t5" else kind.model_class
+        root = resolve_path(spec.path)
         self.model = getattr(transformers, name).from_pretrained(
-            spec.path, subfolder=spec.subfolder or "", dtype=torch_dtype(spec.dtype, "TextEncoderSpec"), local_files_only=True,
+            root, subfolder=spec.subfolder or "", dtype=torch_dtype(spec.dtype, "TextEncoderSpec"), local_files_only=True,
         )
         self.tokenizer = transformers.AutoTokenizer.from_pretrained(
-            spec.path, subfolder=spec.tokenizer_subfolder or spec.subfolder or "", local_files_only=True,
+            root, subfolder=spec.tokenizer_subfolder or spec.subfolder or "", local_files_only=True,
         )
         self.tokenizer.padding_side = "right"  # true tokens first: lengths index them (decoder-only tokenizers pad left)
         if self.tokenizer.pad_token is None:

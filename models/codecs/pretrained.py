@@ -34,7 +34,14 @@ import torch
 from torch import Tensor, nn
 
 from models.codecs.latent_stats import LatentStats, denormalise, normalise
-from models.pretrained_files import FrozenModules, folder_fingerprint, model_folder, read_config, torch_dtype
+from models.pretrained_files import (
+    FrozenModules,
+    check_fingerprint,
+    folder_fingerprint,
+    model_folder,
+    read_config,
+    torch_dtype,
+)
 
 
 @dataclass(frozen=True)
@@ -188,8 +195,24 @@ class PretrainedAutoencoder(FrozenModules):
         slicing: bool = False,
         sample: bool = False,
         stats: str | None = None,
+        fingerprint: str | None = None,
     ):
+        """
+        Args:
+            path: Folder written by save_pretrained, a pipeline folder (with subfolder), or package:NAME.
+            subfolder: The autoencoder's sub-folder in a pipeline folder (SD3/Flux/Wan: "vae").
+            dtype: Weights' dtype: float32, bfloat16 or float16.
+            tiling: Encode/decode large inputs tile by tile (less memory).
+            slicing: Encode/decode a batch one sample at a time (less memory).
+            sample: Draw latents from the posterior (else its mean: deterministic encodes, exact caching).
+            stats: Latent statistics file written by `duoflow shards encode` (per-channel mean/std of
+                the encoded data); None = the autoencoder config's normalisation.
+            fingerprint: Expected fingerprint of the folder (a generator checkpoint records it, so
+                sample/evaluate stop with one line if the folder changed); None = not checked.
+        """
         super().__init__()
+        if fingerprint:
+            check_fingerprint(path, subfolder, fingerprint)
         folder = model_folder(path, subfolder)
         name = read_config(folder, " by diffusers (an autoencoder)").get("_class_name")
         if name not in FAMILIES:
@@ -199,7 +222,7 @@ class PretrainedAutoencoder(FrozenModules):
             raise ValueError(f"PretrainedAutoencoder: sample=True, but {name} is deterministic; expected sample=False")
         self.fingerprint = folder_fingerprint(folder)
         model = getattr(diffusers, name).from_pretrained(
-            path, subfolder=subfolder, torch_dtype=torch_dtype(dtype, "PretrainedAutoencoder"), local_files_only=True,
+            str(model_folder(path)), subfolder=subfolder, torch_dtype=torch_dtype(dtype, "PretrainedAutoencoder"), local_files_only=True,
         )
         for enabled, switch in ((tiling, "tiling"), (slicing, "slicing")):
             if enabled:
