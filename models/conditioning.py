@@ -14,11 +14,17 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from models.text_encoders import TextEncoders, TextEncoderSpec
+
+Context = Tensor | list[Tensor]
+"""Context tokens: (B, L, D) when every sample has L, else B tensors (L_b, D) (captions of their own
+lengths: packed with the other streams, so padding is never attended to)."""
+
 
 class ConditionModule(nn.Module):
-    """forward(cond, drop) -> (tokens (B, L, D), pooled (B, D)); drop (B,) bool selects the null condition."""
+    """forward(cond, drop) -> (context tokens, pooled (B, D)); drop (B,) bool selects the null condition."""
 
-    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:  # pragma: no cover
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
     def preview(self, num: int) -> dict[str, Any]:
@@ -133,3 +139,62 @@ class NullEmbedder(ConditionModule):
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
         tok = self.token.expand(drop.shape[0], -1, -1)
         return tok, tok[:, 0]
+
+
+@dataclass(frozen=True)
+class PretrainedText(Condition):
+    """Text conditioning by frozen pretrained encoders loaded from local folders (T5, CLIP, any
+    AutoModel, sentence-transformers MiniLM; several at once as SD3). Each encoder's token states,
+    projected to the model width, form the context (concatenated per caption, each caption at its
+    own length); the concatenated pooled vectors feed adaLN. The null condition (CFG) is the empty
+    caption's encoding. Embeddings cached by ``duoflow shards encode`` are used as they come (the
+    encoders then only encode the empty caption and preview prompts)."""
+
+    encoders: tuple[TextEncoderSpec, ...] = ()
+    """The encoders, in the order their pooled vectors are concatenated."""
+    prompts: tuple[str, ...] = ()
+    """Captions used for preview samples; empty = the empty caption."""
+
+    def build(self, dim: int) -> ConditionModule:
+        if not self.encoders:
+            raise ValueError("PretrainedText: encoders=[]; expected at least one {path: FOLDER} text encoder")
+        return PretrainedTextEncoder(list(self.encoders), dim, self.prompts)
+
+
+class PretrainedTextEncoder(ConditionModule):
+    def __init__(self, specs: list[TextEncoderSpec], dim: int, prompts: tuple[str, ...] = ()):
+        super().__init__()
+        self.text = TextEncoders(specs)  # frozen, held: not in state_dict, parameters() or the optimizer
+        self.prompts = tuple(prompts) or ("",)
+        self.proj = nn.ModuleList(nn.Linear(d, dim) for d in self.text.token_dims)
+        self.pooled = nn.Sequential(nn.Linear(self.text.pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    @property
+    def fingerprints(self) -> list[str]:
+        return self.text.fingerprints
+
+    def preview(self, num: int) -> dict[str, Any]:
+        return {"txt": [self.prompts[i % len(self.prompts)] for i in range(num)]}
+
+    def embeddings(self, cond: dict[str, Any]) -> tuple[list[list[Tensor]], Tensor]:
+        """Per caption, each encoder's (L_i, D_i) token states, and the (B, P) pooled vectors: cached
+        (``txt_tokens``/``txt_pooled`` from encoded shards) or encoded now from ``txt``."""
+        if "txt_tokens" in cond:
+            return [list(per_caption) for per_caption in cond["txt_tokens"]], torch.as_tensor(cond["txt_pooled"])
+        encoded = self.text.encode(list(cond["txt"]))
+        per_encoder = [encoded.unpadded(i) for i in range(len(encoded.tokens))]
+        return [list(per_caption) for per_caption in zip(*per_encoder)], encoded.pooled
+
+    def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:
+        tokens, pooled = self.embeddings(cond)
+        device = self.pooled[0].weight.device
+        if bool(drop.any()):
+            null = self.text.null()
+            null_tokens = [null.unpadded(i)[0] for i in range(len(null.tokens))]
+            tokens = [null_tokens if d else t for t, d in zip(tokens, drop.tolist())]
+            pooled = torch.where(drop.to(pooled.device)[:, None], null.pooled.to(pooled), pooled)
+        context = [
+            torch.cat([proj(t.to(device, torch.float32)) for proj, t in zip(self.proj, per_caption)])  # (L_b, D)
+            for per_caption in tokens
+        ]
+        return context, self.pooled(pooled.to(device, torch.float32))

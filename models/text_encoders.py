@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import transformers
 from torch import Tensor, nn
 
 from models.pretrained_files import (
@@ -157,6 +156,8 @@ class TextEncoder:
     """One loaded encoder: its spec, tokenizer, model and detected kind (the model is held by TextEncoders)."""
 
     def __init__(self, spec: TextEncoderSpec):
+        import transformers  # here: configs naming text encoders import this module; only a load needs transformers
+
         config = read_config(spec.folder, " by transformers (a text encoder)")
         self.spec = spec
         self.kind = spec.kind or detect_kind(spec.folder, config)
