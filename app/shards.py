@@ -48,6 +48,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     enc.add_argument("--prefix", default="latent", help="shard file name prefix (default latent)")
     enc.add_argument("--batch-size", type=int, default=64, help="shapes encoded at once (default 64)")
     enc.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    add_encode_parser(sub)
     syn = sub.add_parser("synthetic", help="procedural data with class ids and captions")
     syn.add_argument("kind", choices=list(synthetic.SYNTHETIC_KINDS),
                      help="image (square shapes), image-mixed (mixed sizes and aspect ratios), video, audio (notes), "
@@ -58,6 +59,35 @@ def parse(argv: list[str]) -> argparse.Namespace:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--size", type=int, default=None, help="image / video frame side in pixels (default: the kind's own)")
     return ap.parse_args(argv)
+
+
+def add_encode_parser(sub: argparse._SubParsersAction) -> None:
+    enc = sub.add_parser(
+        "encode", help="media shards (or a media folder) -> latent shards with a pretrained autoencoder and text encoders",
+        description="Encode every sample of SRC once with a frozen pretrained autoencoder (and its caption with each "
+                    "text encoder) into latent shards that training reads instead of the media. Resumable (re-run it), "
+                    "split across the ranks of a torchrun/Slurm job; OUT/manifest.json and OUT/latent-stats.json "
+                    "record the models and the per-channel latent statistics. See README 'Your own data with "
+                    "pretrained autoencoders and text encoders'.")
+    enc.add_argument("src", help="media shards (folder, glob or brace pattern) or a folder of image/audio files")
+    enc.add_argument("out", help="output folder for the latent shards (re-run to resume)")
+    enc.add_argument("--autoencoder", required=True,
+                     help="diffusers autoencoder folder (AutoencoderKL, AutoencoderDC, AutoencoderKLWan, "
+                          "AutoencoderKLLTXVideo, AutoencoderOobleck), e.g. a pipeline folder with --subfolder vae")
+    enc.add_argument("--subfolder", default=None, help="the autoencoder's sub-folder (SD3/Flux/Wan pipelines: vae)")
+    enc.add_argument("--dtype", default="float32", help="autoencoder weights: float32, bfloat16, float16 (default float32)")
+    enc.add_argument("--text-encoder", action="append", default=[], metavar="PATH[,key=value...]",
+                     help="a transformers text encoder folder, repeatable (SD3: two CLIPs and a T5); options: "
+                          "subfolder, tokenizer_subfolder, kind, max_length, dtype, layer; PATH may be package:NAME")
+    enc.add_argument("--size", type=int, default=256, help="image / frame side in pixels (default 256)")
+    enc.add_argument("--keep-aspect", action="store_true", help="images keep their aspect ratio (about size^2 pixels)")
+    enc.add_argument("--max-frames", type=int, default=17, help="longest clip in frames (default 17)")
+    enc.add_argument("--sample-rate", type=int, default=None, help="audio rate (default: the autoencoder's)")
+    enc.add_argument("--max-seconds", type=float, default=10.0, help="longest audio clip kept (default 10)")
+    enc.add_argument("--min-seconds", type=float, default=0.1, help="shorter audio clips are skipped (default 0.1)")
+    enc.add_argument("--batch-size", type=int, default=16, help="samples encoded at once (default 16)")
+    enc.add_argument("--shard-size", type=int, default=1000, help="samples per shard when sharding a media folder")
+    enc.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
 
 
 def main(argv: list[str]) -> int:
@@ -73,6 +103,10 @@ def main(argv: list[str]) -> int:
 
         paths = write_mesh_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
                                   points=args.points, queries=args.queries)
+    elif args.source == "encode":
+        from app.encode import run  # loads diffusers and transformers
+
+        paths = run(args)
     elif args.source == "encode-shapes":
         from app.shape_latents import encode_shape_shards  # loads Lightning and the autoencoder
 

@@ -149,36 +149,34 @@ def write_classes(out: str, names: list[str]) -> None:
 
 
 def write_image_folder(src: str, out: str, shard_size: int = 1000, prefix: str = "img", progress: bool = True) -> list[str]:
-    """Shard an image folder: ``src/<class>/<name>.{png,jpg,jpeg,webp}`` plus optional ``<name>.txt`` captions.
+    """Shard an image folder: ``src/<class>/<name>.{png,jpg,jpeg,webp}`` (class ids = the sorted class
+    folder names, written to ``<out>/classes.json``) or, without sub-folders, ``src/<name>.*`` (no
+    class); optional same-name ``.txt`` captions.
 
-    Class ids are the sorted class folder names (written to ``<out>/classes.json``). Images are
-    stored as their original bytes (decoded and checked when read), in a fixed shuffled order so
-    that a shard mixes classes; keys are ``00000000``, ``00000001``, ...
+    Images are stored as their original bytes (decoded and checked when read), in a fixed shuffled
+    order so that a shard mixes classes; keys are ``00000000``, ``00000001``, ...
     """
     root = Path(src)
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {src!r} does not exist; expected a directory with one sub-folder per class")
+        raise FileNotFoundError(f"image folder {src!r} does not exist; expected a directory of images or of class sub-folders")
+    is_image = lambda path: path.is_file() and path.suffix[1:].lower() in IMAGE_EXTENSIONS  # noqa: E731
     classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [
-        (label, path)
-        for label, name in enumerate(classes)
-        for path in sorted((root / name).iterdir())
-        if path.is_file() and path.suffix[1:].lower() in IMAGE_EXTENSIONS
-    ]
+    files = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir()) if is_image(path)]
+    if not classes:
+        files = [(-1, path) for path in sorted(root.iterdir()) if is_image(path)]
     if not files:
         raise ValueError(
-            f"image folder {src!r} holds no images; expected {src}/<class>/<name>.{{{','.join(IMAGE_EXTENSIONS)}}}"
+            f"image folder {src!r} holds no images; expected {src}/[<class>/]<name>.{{{','.join(IMAGE_EXTENSIONS)}}}"
         )
     random.Random(0).shuffle(files)
-    write_classes(out, classes)
+    if classes:
+        write_classes(out, classes)
     with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
         for i, (label, path) in enumerate(tqdm(files, desc=f"shards {src}", unit="img", disable=not progress)):
-            sample = {
-                "__key__": f"{i:08d}",
-                path.suffix[1:].lower(): path.read_bytes(),
-                "cls": label,
-                "json": {"path": str(path.relative_to(root)), "class": classes[label]},
-            }
+            sample = {"__key__": f"{i:08d}", path.suffix[1:].lower(): path.read_bytes(),
+                      "json": {"path": str(path.relative_to(root))}}
+            if label >= 0:
+                sample["cls"], sample["json"]["class"] = label, classes[label]
             caption = path.with_suffix(".txt")
             if caption.is_file():
                 sample["txt"] = caption.read_text(encoding="utf-8").strip()

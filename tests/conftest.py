@@ -67,3 +67,14 @@ def shape_latents(tmp_path_factory: pytest.TempPathFactory, synthetic_shards) ->
     trainer.save_checkpoint(ckpt)
     encode_shape_shards(str(ckpt), str(synthetic_shards("shape")), str(out / "latents"), points=256, progress=False)
     return ckpt, out / "latents"
+
+
+@pytest.fixture(scope="session")
+def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny random diffusers autoencoders ("kl" in a pipeline layout with vae/, "dc", "wan", "ltx",
+    "oobleck") and transformers text encoders ("t5", "sd3" with two CLIPs, "bert"), saved once per
+    session with save_pretrained: loaded only through duoflow's own code."""
+    from tests.pretrained_models import save_autoencoders, save_text_encoders
+
+    root = tmp_path_factory.mktemp("pretrained")
+    return {**save_autoencoders(root / "autoencoders"), **save_text_encoders(root / "text")}

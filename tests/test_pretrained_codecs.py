@@ -20,53 +20,12 @@ from torch.testing import assert_close
 from models.codecs.latent_stats import LatentStats, denormalise, normalise
 from models.codecs.pretrained import PretrainedAutoencoder
 from models.pretrained_files import check_fingerprint, folder_fingerprint
-
-WAN_MEAN, WAN_STD = [0.1, -0.2, 0.3, 0.0], [1.5, 0.5, 2.0, 1.0]
-
-
-def tiny_models() -> dict[str, nn.Module]:
-    torch.manual_seed(0)
-    ltx = AutoencoderKLLTXVideo(
-        latent_channels=4, block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), layers_per_block=(1, 1, 1),
-        decoder_layers_per_block=(1, 1, 1), spatio_temporal_scaling=(True, False), decoder_spatio_temporal_scaling=(True, False),
-        decoder_inject_noise=(False, False, False), upsample_residual=(False, False), upsample_factor=(1, 1), patch_size=2,
-        patch_size_t=1, down_block_types=("LTXVideoDownBlock3D",) * 2, downsample_type=("conv", "conv"), scaling_factor=0.5,
-    )
-    ltx.latents_mean.copy_(torch.tensor([0.2, 0.0, -0.1, 0.4]))
-    ltx.latents_std.copy_(torch.tensor([2.0, 1.0, 0.5, 1.5]))
-    return {
-        "kl": AutoencoderKL(
-            block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-            latent_channels=4, norm_num_groups=8, sample_size=16, layers_per_block=1, scaling_factor=1.5, shift_factor=0.1,
-        ),
-        "dc": AutoencoderDC(
-            in_channels=3, latent_channels=4, attention_head_dim=4, encoder_block_types=("ResBlock", "EfficientViTBlock"),
-            decoder_block_types=("ResBlock", "EfficientViTBlock"), encoder_block_out_channels=(8, 16),
-            decoder_block_out_channels=(8, 16), encoder_layers_per_block=(1, 1), decoder_layers_per_block=(1, 1),
-            encoder_qkv_multiscales=((), (5,)), decoder_qkv_multiscales=((), (5,)), upsample_block_type="interpolate",
-            downsample_block_type="Conv", decoder_norm_types="rms_norm", decoder_act_fns="silu", scaling_factor=0.4,
-        ),
-        "wan": AutoencoderKLWan(
-            base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1, temperal_downsample=[True, True],
-            latents_mean=WAN_MEAN, latents_std=WAN_STD,
-        ),
-        "ltx": ltx,
-        "oobleck": AutoencoderOobleck(
-            encoder_hidden_size=8, downsampling_ratios=[2, 4], channel_multiples=[1, 2], decoder_channels=8,
-            decoder_input_channels=4, audio_channels=2, sampling_rate=8000,
-        ),
-    }
+from tests.pretrained_models import WAN_MEAN, WAN_STD, save_autoencoders
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """name -> folder; the KL one in a pipeline layout (``vae/`` sub-folder), like SD3/Flux."""
-    root = tmp_path_factory.mktemp("autoencoders")
-    made = {}
-    for name, model in tiny_models().items():
-        made[name] = root / name
-        model.save_pretrained(made[name] / "vae" if name == "kl" else made[name])
-    return made
+    return save_autoencoders(tmp_path_factory.mktemp("autoencoders"))
 
 
 def load(folders: dict[str, Path], name: str, **kwargs) -> PretrainedAutoencoder:

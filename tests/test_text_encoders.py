@@ -28,6 +28,7 @@ from transformers import (
 
 from models.pretrained_files import check_fingerprint, folder_fingerprint
 from models.text_encoders import TextEncoders, TextEncoderSpec, detect_kind, masked_mean, unpadded
+from tests.pretrained_models import CAPTIONS
 
 CAPTIONS = ["a red circle on the left", "a blue square moving up", "a green triangle", "the dog runs", ""]
 

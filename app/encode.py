@@ -1,0 +1,315 @@
+"""`duoflow shards encode`: media shards -> latent shards, with a pretrained autoencoder and text encoders.
+
+Every sample of the media shards is read as training reads it (the same transforms), encoded ONCE
+by the frozen autoencoder (its raw latent, before normalisation) and, when text encoders are given,
+its caption encoded by each of them; training then reads the stored latents and embeddings and never
+runs the autoencoder or the text encoders on the training data again.
+
+One output shard per input shard, named after it (``<stem>.tar``), so the work splits by shard:
+rank r of a ``torchrun`` / Slurm job (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``)
+encodes the input shards r, r + W, r + 2W, ..., never a sample twice. A shard is written to a
+temporary name and renamed when complete, after its statistics sidecar (``<stem>.stats.json``):
+a killed encode leaves no half shard, and a re-run skips the finished shards and never rewrites
+them. When every shard is done, whichever rank finishes last merges the per-shard latent
+statistics into ``latent-stats.json`` (per-channel mean/std, the codec's ``stats``) and writes
+``manifest.json`` (sources, autoencoder and text-encoder folders and fingerprints, statistics,
+sample counts), ``index.json`` and ``classes.json``.
+
+Stored per sample: ``latent.npy`` (float32, the autoencoder's own latent), ``text.safetensors``
+(``tokens_<i>`` (L_i, D_i) per encoder at the caption's true length, ``pooled`` (P,)), and the
+source's ``cls``, ``txt``, ``json``. Bad samples (undecodable, too short, non-finite latents) are
+skipped, counted and named in the log, as in training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import logging
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import webdataset as wds
+from tqdm import tqdm
+
+from app.errors import UserError
+from datamodules.audio import AudioTransform
+from datamodules.decoders import BadSample, decode_sample
+from datamodules.shards import count_samples, expand_shards
+from datamodules.transforms import ImageTransform, SampleTransform
+from datamodules.video import VideoTransform
+from datamodules.writers import CLASSES_NAME, INDEX_NAME, ShardWriter
+from models.codecs.latent_stats import LatentStats
+from models.codecs.pretrained import AudioMedia, PretrainedAutoencoder, VideoMedia
+from models.text_encoders import TextEncoders, TextEncoderSpec
+
+log = logging.getLogger("duoflow.encode")
+
+MANIFEST_NAME = "manifest.json"
+STATS_NAME = "latent-stats.json"
+KEPT_FIELDS = ("cls", "txt", "json")
+
+
+# ---------------------------------------------------------------- what runs where
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of this process: torchrun's RANK/WORLD_SIZE, else Slurm's, else (0, 1)."""
+    for rank, world in (("RANK", "WORLD_SIZE"), ("SLURM_PROCID", "SLURM_NTASKS")):
+        if os.environ.get(world):
+            return int(os.environ.get(rank, "0")), int(os.environ[world])
+    return 0, 1
+
+
+def default_device() -> str:
+    """The GPU of this rank (LOCAL_RANK / SLURM_LOCALID) when there is one, else the CPU."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")))
+    return f"cuda:{local % torch.cuda.device_count()}"
+
+
+def my_shards(urls: list[str], rank: int, world: int) -> list[str]:
+    """Input shards this rank encodes: every world-th, from its rank (disjoint, together all of them)."""
+    return urls[rank::world]
+
+
+def output_stem(url: str) -> str:
+    return Path(url).name.removesuffix(".tar")
+
+
+# ---------------------------------------------------------------- reading media as training does
+
+
+def media_transform(codec: PretrainedAutoencoder, size: int, keep_aspect: bool, max_frames: int,
+                    sample_rate: int | None, max_seconds: float, min_seconds: float) -> SampleTransform:
+    """The transform of the codec's media kind; sizes rounded to what the autoencoder needs."""
+    media = codec.family.media
+    if isinstance(media, VideoMedia):
+        return VideoTransform(size=size, max_frames=max_frames, frame_multiple=1)  # the codec keeps 1 + k n frames
+    if isinstance(media, AudioMedia):
+        rate = sample_rate or int(codec.autoencoder.config.get("sampling_rate") or 0)
+        if not rate:
+            raise UserError("--sample-rate: the autoencoder's config names no sampling_rate; pass the rate it expects")
+        return AudioTransform(sample_rate=rate, max_seconds=max_seconds, min_seconds=min_seconds)
+    return ImageTransform(size=size, keep_aspect=keep_aspect, multiple=codec.spatial_factor)
+
+
+def read_shard(url: str, transform: SampleTransform, bad: list[str]) -> Iterator[tuple[dict, dict]]:
+    """(decoded sample, transformed sample) of one shard in order; bad samples appended to ``bad`` and skipped."""
+    def broken_tar(exn: Exception) -> bool:
+        bad.append(f"{url}: {type(exn).__name__}: {exn}")
+        log.warning("encode: unreadable part of %s: %s", url, exn)
+        return True  # keep going with what can be read
+
+    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=broken_tar)):
+        try:
+            decoded = decode_sample(raw)
+            yield decoded, transform(decoded)
+        except BadSample as exn:
+            bad.append(str(exn))
+            log.warning("encode: skipped bad sample %s", exn)
+
+
+# ---------------------------------------------------------------- encoding one shard
+
+
+@dataclass
+class ShardResult:
+    samples: int = 0
+    bad: list[str] = field(default_factory=list)
+    stats: LatentStats = field(default_factory=LatentStats)
+
+
+class Encoder:
+    """The frozen models and how a batch of transformed samples becomes stored latent samples."""
+
+    def __init__(self, codec: PretrainedAutoencoder, text: TextEncoders | None, batch_size: int):
+        self.codec, self.text, self.batch_size = codec, text, batch_size
+
+    def encode_batch(self, batch: list[tuple[dict, dict]], result: ShardResult) -> list[dict]:
+        """Same-shaped samples -> the samples to store (non-finite latents counted as bad)."""
+        x = torch.stack([s["x"] for _, s in batch])
+        latents = self.codec.encode_raw(x).float().cpu()  # (B, C, ...)
+        text = self.text.encode([s["txt"] for _, s in batch]) if self.text is not None else None
+        out = []
+        for i, (decoded, sample) in enumerate(batch):
+            z = latents[i]
+            if not torch.isfinite(z).all():
+                msg = f"{decoded.get('__url__', '?')}:{sample['__key__']}: the autoencoder gave a non-finite latent"
+                result.bad.append(msg)
+                log.warning("encode: skipped bad sample %s", msg)
+                continue
+            stored = {"__key__": sample["__key__"], "latent.npy": z.numpy(),
+                      **{k: decoded[k] for k in KEPT_FIELDS if k in decoded}}
+            if text is not None:
+                tokens = {f"tokens_{j}": text.unpadded(j)[i].cpu().numpy() for j in range(len(text.tokens))}
+                stored["text.safetensors"] = {**tokens, "pooled": text.pooled[i].cpu().numpy()}
+            result.stats.update(z[None])
+            out.append(stored)
+        result.samples += len(out)
+        return out
+
+    def encode_shard(self, url: str, out_dir: Path, transform: SampleTransform, bar: tqdm) -> ShardResult:
+        """Encode one input shard into ``out_dir/<stem>.tar`` (+ its stats sidecar), atomically."""
+        stem, result = output_stem(url), ShardResult()
+        tmp_pattern = str(out_dir / f".{stem}.tmp-%06d.tar")
+        with ShardWriter(tmp_pattern, maxcount=10**9) as writer:
+            batch: list[tuple[dict, dict]] = []
+            for decoded, sample in read_shard(url, transform, result.bad):
+                if batch and (len(batch) >= self.batch_size or sample["x"].shape != batch[0][1]["x"].shape):
+                    for stored in self.encode_batch(batch, result):
+                        writer.write(stored)
+                    bar.update(len(batch))
+                    batch = []
+                batch.append((decoded, sample))
+            if batch:
+                for stored in self.encode_batch(batch, result):
+                    writer.write(stored)
+                bar.update(len(batch))
+        if result.samples:
+            result.stats.save(str(out_dir / f"{stem}.stats.json"))
+        sidecar = {"source": url, "samples": result.samples, "bad": result.bad}
+        (out_dir / f"{stem}.done.json").write_text(json.dumps(sidecar, indent=1) + "\n")
+        tmp = Path(tmp_pattern % 0)
+        if result.samples == 0:  # nothing usable: no shard, the sidecar says why
+            tmp.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out_dir / f"{stem}.tar")  # last: a shard that exists is complete
+        return result
+
+
+def is_done(out_dir: Path, url: str) -> bool:
+    return (out_dir / f"{output_stem(url)}.done.json").is_file()
+
+
+# ---------------------------------------------------------------- the whole job
+
+
+def finalize(out_dir: Path, urls: list[str], codec: PretrainedAutoencoder, text: TextEncoders | None,
+             specs: list[TextEncoderSpec]) -> dict:
+    """Merge the per-shard statistics and write latent-stats.json, index.json, classes.json and manifest.json."""
+    stats, shards, bad = LatentStats(), {}, 0
+    for url in urls:
+        stem = output_stem(url)
+        done = json.loads((out_dir / f"{stem}.done.json").read_text())
+        bad += len(done["bad"])
+        if done["samples"]:
+            shards[f"{stem}.tar"] = done["samples"]
+            stats.merge(LatentStats.load(str(out_dir / f"{stem}.stats.json"))[0])
+    if not shards:
+        raise UserError(f"shards encode: no usable samples in the {len(urls)} input shard(s) (see the warnings above)")
+    stats.save(str(out_dir / STATS_NAME), fingerprint=codec.fingerprint)
+    (out_dir / INDEX_NAME).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
+    classes = Path(urls[0]).parent / CLASSES_NAME
+    if classes.is_file():
+        (out_dir / CLASSES_NAME).write_text(classes.read_text())
+    mean, std = stats.result()
+    manifest = {
+        "sources": urls,
+        "autoencoder": {"class": type(codec.autoencoder).__name__, "path": codec.path, "subfolder": codec.subfolder,
+                        "fingerprint": codec.fingerprint, "sample": codec.sample},
+        "text_encoders": [
+            {"path": s.path, "subfolder": s.subfolder, "tokenizer_subfolder": s.tokenizer_subfolder, "kind": e.kind,
+             "max_length": s.max_length, "layer": s.layer, "fingerprint": e.fingerprint}
+            for s, e in zip(specs, text.encoders if text is not None else [])
+        ],
+        "latent_stats": {"file": STATS_NAME, "mean": mean.tolist(), "std": std.tolist()},
+        "samples": sum(shards.values()), "bad_samples": bad, "shards": shards,
+    }
+    tmp = out_dir / f".{MANIFEST_NAME}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
+    os.replace(tmp, out_dir / MANIFEST_NAME)
+    return manifest
+
+
+def parse_text_encoder(spec: str) -> TextEncoderSpec:
+    """``PATH`` or ``PATH,key=value,...`` (keys of TextEncoderSpec: subfolder, tokenizer_subfolder, kind,
+    max_length, dtype, layer) -> a TextEncoderSpec."""
+    path, *options = spec.split(",")
+    kwargs: dict[str, Any] = {}
+    for option in options:
+        key, sep, value = option.partition("=")
+        if not sep or key not in ("subfolder", "tokenizer_subfolder", "kind", "max_length", "dtype", "layer"):
+            raise UserError(f"--text-encoder {spec!r}: {option!r}; expected key=value with key in subfolder, "
+                            "tokenizer_subfolder, kind, max_length, dtype, layer")
+        kwargs[key] = int(value) if key in ("max_length", "layer") else value
+    return TextEncoderSpec(path, **kwargs)
+
+
+def input_shards(src: str, out_dir: Path, codec: PretrainedAutoencoder, shard_size: int, world: int) -> list[str]:
+    """SRC's shards; a folder of media files (no .tar) is sharded first into OUT/media with the writers."""
+    if os.path.isdir(src) and not glob.glob(os.path.join(src, "*.tar")):
+        if world > 1:
+            raise UserError(f"{src}: a folder of media files; with {world} ranks shard it first (`duoflow shards "
+                            "images|audio SRC SHARDS`) so that every rank reads the same shards")
+        media = codec.family.media
+        target = str(out_dir / "media")
+        if isinstance(media, VideoMedia):
+            raise UserError(f"{src}: a folder of video files; shard it first (`duoflow shards synthetic video` writes "
+                            "video shards) and pass the shards")
+        if isinstance(media, AudioMedia):
+            from datamodules.audio import write_audio_folder
+
+            return write_audio_folder(src, target, shard_size=shard_size)
+        from datamodules.writers import write_image_folder
+
+        return write_image_folder(src, target, shard_size=shard_size)
+    return expand_shards(src)
+
+
+def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = None, dtype: str = "float32",
+                  text_encoders: list[TextEncoderSpec] | None = None, size: int = 256, keep_aspect: bool = False,
+                  max_frames: int = 17, sample_rate: int | None = None, max_seconds: float = 10.0,
+                  min_seconds: float = 0.1, batch_size: int = 16, shard_size: int = 1000, device: str | None = None,
+                  progress: bool = True) -> dict | None:
+    """Encode this rank's share of SRC into OUT; returns the manifest when this rank finished the job."""
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = device or default_device()
+    codec = PretrainedAutoencoder(autoencoder, subfolder=subfolder, dtype=dtype).to(device)
+    specs = list(text_encoders or [])
+    text = TextEncoders(specs).to(device) if specs else None
+    rank, world = rank_and_world()
+    urls = input_shards(src, out_dir, codec, shard_size, world)
+    names = [output_stem(u) for u in urls]
+    if len(set(names)) != len(names):
+        raise UserError(f"{src}: two input shards share a file name; output shards are named after their inputs")
+    for stale in out_dir.glob(".*.tmp-*.tar"):  # a killed run's half shard of one of ours: redone below
+        if any(stale.name.startswith(f".{output_stem(u)}.tmp-") for u in my_shards(urls, rank, world)):
+            stale.unlink()
+    todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
+    transform = media_transform(codec, size, keep_aspect, max_frames, sample_rate, max_seconds, min_seconds)
+    total = sum(count_samples(todo).values()) if todo else 0
+    log.info("encode: rank %d/%d, %d of %d input shards to do (%d samples) on %s", rank, world, len(todo),
+             len(urls), total, device)
+    encoder = Encoder(codec, text, batch_size)
+    start = time.perf_counter()
+    with tqdm(total=total, desc=f"encode (rank {rank})", unit="sample", disable=not progress) as bar:
+        for url in todo:
+            encoder.encode_shard(url, out_dir, transform, bar)
+    if todo:
+        log.info("encode: rank %d encoded %d samples in %.1f s (%.1f samples/s)", rank, total,
+                 time.perf_counter() - start, total / max(time.perf_counter() - start, 1e-9))
+    if all(is_done(out_dir, u) for u in urls):  # the last rank to finish writes the manifest
+        return finalize(out_dir, urls, codec, text, specs)
+    return None
+
+
+def run(args: argparse.Namespace) -> list[str]:
+    specs = [parse_text_encoder(s) for s in args.text_encoder]
+    manifest = encode_shards(args.src, args.out, args.autoencoder, args.subfolder, args.dtype, specs, args.size,
+                             args.keep_aspect, args.max_frames, args.sample_rate, args.max_seconds, args.min_seconds,
+                             args.batch_size, args.shard_size, args.device)
+    if manifest is None:
+        print(f"this rank is done; other ranks are still encoding into {args.out}")
+        return []
+    print(f"{manifest['samples']} samples ({manifest['bad_samples']} bad, skipped) in {len(manifest['shards'])} shards; "
+          f"manifest: {Path(args.out) / MANIFEST_NAME}")
+    return [str(Path(args.out) / name) for name in manifest["shards"]]
