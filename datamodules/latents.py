@@ -1,0 +1,66 @@
+"""Reading latent shards written by ``duoflow shards encode``: cached latents and caption embeddings.
+
+A latent sample holds ``latent.npy`` (the autoencoder's own latent, float32, channels first),
+optionally ``audio_latent.npy`` (audio-video), ``text.safetensors`` (``tokens_<i>`` (L_i, D_i) per
+text encoder, ``pooled`` (P,)) and the usual ``cls`` / ``txt`` / ``json``. The transform hands
+them on as ``x_latent`` (and ``audio_latent``), ``txt_tokens`` (the per-encoder token states) and
+``txt_pooled``; the generator normalises the latents with its codec's statistics and the text
+condition uses the embeddings as they are. Nothing is decoded by a model here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from datamodules.decoders import BadSample
+from datamodules.transforms import SampleTransform
+
+LATENT_FIELDS = {"latent.npy": "x_latent", "audio_latent.npy": "audio_latent"}
+"""Stored field -> batch key, per generated stream."""
+
+
+def as_tensor(value: object, where: str) -> torch.Tensor:
+    """A finite float array -> float32 tensor, else BadSample naming where."""
+    if not isinstance(value, np.ndarray) or not np.issubdtype(value.dtype, np.floating) or value.ndim == 0:
+        raise BadSample(f"{where}: expected a float array, got {getattr(value, 'dtype', type(value).__name__)}")
+    if not np.isfinite(value).all():
+        raise BadSample(f"{where}: holds NaN or inf")
+    return torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
+
+
+class CachedLatents(SampleTransform):
+    """A latent sample -> ``x_latent`` [+ ``audio_latent``] and, when stored, ``txt_tokens`` / ``txt_pooled``.
+
+    Args:
+        audio: Also read ``audio_latent.npy`` (audio-video latent shards).
+        text: Require cached caption embeddings (``text.safetensors``); a model conditioned on a
+            pretrained text encoder trains on them. False reads them when present.
+    """
+
+    def __init__(self, audio: bool = False, text: bool = False):
+        self.fields = [f for f in LATENT_FIELDS if audio or f == "latent.npy"]
+        self.text = text
+
+    def __call__(self, decoded: dict) -> dict:
+        out = {}
+        for field in self.fields:
+            if field not in decoded:
+                raise BadSample(f"{self.where(decoded)}: missing {field}; expected latent shards from `duoflow shards encode`")
+            out[LATENT_FIELDS[field]] = as_tensor(decoded[field], f"{self.where(decoded)}: {field}")
+        embeddings = decoded.get("text.safetensors")
+        if embeddings is None and self.text:
+            raise BadSample(f"{self.where(decoded)}: missing text.safetensors; encode the shards with --text-encoder")
+        if embeddings is not None:
+            where = f"{self.where(decoded)}: text.safetensors"
+            n = len([k for k in embeddings if k.startswith("tokens_")])
+            if "pooled" not in embeddings or any(f"tokens_{i}" not in embeddings for i in range(n)):
+                raise BadSample(f"{where}: expected tokens_0.. and pooled, found {sorted(embeddings)}")
+            out["txt_tokens"] = [as_tensor(embeddings[f"tokens_{i}"], where) for i in range(n)]
+            out["txt_pooled"] = as_tensor(embeddings["pooled"], where)
+        return {**out, **self.conditioning(decoded)}
+
+    def cost(self, sample: dict) -> int:
+        """Latent positions of the main stream (channels excluded)."""
+        z = sample["x_latent"]
+        return int(z[0].numel())
