@@ -3,8 +3,8 @@
 CPU: torch SDPA (our "sdpa" backend) vs our eager "math" reference.
 CUDA: xformers, SDPA restricted to each kernel via torch.nn.attention.sdpa_kernel (flash,
 efficient, cudnn, math) and our eager "math". One packed shape (block-diagonal, mixed
-lengths) shows the packed paths: xformers BlockDiagonalMask, our SDPA loop over segments, and
-the dense masked "math".
+lengths) shows the packed paths: xformers BlockDiagonalMask, torch's varlen flash (CUDA) or our
+SDPA loop over segments (CPU), and the dense masked "math".
 
     python bench/attention_backends.py                          # CPU
     python bench/attention_backends.py --device cuda --dtype bf16 --heads 16 --tokens 1024 4096 --batch 4
@@ -20,6 +20,7 @@ import torch
 from bench_path import REPO  # noqa: F401
 from common import DTYPES, interleaved, median, median_ratio, report, table, parser
 from models.attention import attention
+from models.packing import Layout
 
 
 def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]:
@@ -43,10 +44,10 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[], contex
     }
 
 
-def fwd_bwd(q, k, v, backend: str, ctx, seqlens) -> Callable[[], None]:
+def fwd_bwd(q, k, v, backend: str, ctx, layout: Layout | None) -> Callable[[], None]:
     def run() -> None:
         with ctx():
-            out = attention(q, k, v, seqlens=seqlens, backend=backend)
+            out = attention(q, k, v, layout, backend=backend)
         out.backward(torch.ones_like(out))
         for t in (q, k, v):
             t.grad = None
@@ -73,6 +74,7 @@ def main() -> None:
         shapes.append((f"packed {args.packed}", 1, sum(args.packed), args.packed))
     rows = []
     for label, b, n, seqlens in shapes:
+        layout = None if seqlens is None else Layout.packed([seqlens]).to(device)
         g = torch.Generator().manual_seed(0)
         q, k, v = (
             torch.randn(b, n, args.heads, args.head_dim, generator=g).to(device, dtype).requires_grad_()
@@ -80,19 +82,19 @@ def main() -> None:
         )
         fns, skipped = {}, {}
         for name, (backend, ctx) in cands.items():
-            fn = fwd_bwd(q, k, v, backend, ctx, seqlens)
+            fn = fwd_bwd(q, k, v, backend, ctx, layout)
             try:
                 fn()
                 fns[name] = fn
             except Exception as e:  # a kernel that does not support this shape/dtype/GPU
                 skipped[name] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
         with torch.no_grad():  # correctness: every contender against our float32 math reference
-            want = attention(q, k, v, seqlens=seqlens, backend="math").float()
+            want = attention(q, k, v, layout, backend="math").float()
             errs = {}
             for name, (backend, ctx) in cands.items():
                 if name in fns:
                     with ctx():
-                        errs[name] = (attention(q, k, v, seqlens=seqlens, backend=backend).float() - want).abs().max().item()
+                        errs[name] = (attention(q, k, v, layout, backend=backend).float() - want).abs().max().item()
         times = interleaved(fns, args.iters, args.warmup, device)
         for name in cands:
             if name in skipped:

@@ -9,7 +9,10 @@ Backends:
   math      naive softmax in (at least) float32 with a dense mask: the reference for tests.
   auto      xformers when it imports and the tensors are on CUDA, else sdpa.
 
-Legend: B batch, N tokens, H heads, D head dim.
+Packed batches read their offsets from the batch's `Layout` (models/packing.py), built once per
+batch, not per call.
+
+Legend: B batch, N tokens, S samples, H heads, D head dim.
 """
 
 from __future__ import annotations
@@ -18,12 +21,14 @@ import functools
 import logging
 import math
 from types import ModuleType
-from typing import Callable, Sequence
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
+
+from models.packing import Layout
 
 log = logging.getLogger("duoflow.attention")
 
@@ -90,14 +95,16 @@ def _log_choice(device: str, requested: str, chosen: str) -> None:
 
 
 # ---------------------------------------------------------------- kernels
+# Each takes q, k, v (B, N|M, H, D) and the packed layout (None: dense) and returns (B, N, H, D).
 
 
-def _xformers(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
-    xops, _ = _load_xformers()
-    assert xops is not None
+def _xformers(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None, xops: ModuleType) -> Tensor:
     bias = None
-    if seqlens is not None:
-        bias = xops.fmha.BlockDiagonalMask.from_seqlens(list(seqlens), device=q.device)
+    if layout is not None:  # the mask holds the offsets on the device: built once per batch, not per block
+        bias = layout.cached(
+            ("xformers_mask", q.device),
+            lambda: xops.fmha.BlockDiagonalMask.from_seqlens(layout.joint_seqlens(), device=q.device),
+        )
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, N, H, D), xformers' own layout
 
 
@@ -107,9 +114,14 @@ def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return rearrange(out, "b h n d -> b n h d")
 
 
+def _varlen_fits(q: Tensor) -> bool:
+    """torch's varlen flash kernel takes CUDA half precision with head dim <= 256."""
+    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256
+
+
 def _varlen_ok(q: Tensor) -> bool:
-    """torch's varlen flash kernel: CUDA, half precision, head dim <= 256."""
-    return q.is_cuda and q.dtype in (torch.float16, torch.bfloat16) and q.shape[-1] <= 256 and _varlen_attn() is not None
+    """torch's varlen flash kernel: CUDA, half precision, head dim <= 256, and present in this torch."""
+    return _varlen_fits(q) and _varlen_attn() is not None
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,85 +133,85 @@ def _varlen_attn() -> Callable | None:
     return varlen_attn
 
 
-def _sdpa_varlen(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int]) -> Tensor:
-    """A packed batch in one flash-attention call (cumulative offsets), like xformers' BlockDiagonalMask."""
-    lens = torch.tensor(list(seqlens), dtype=torch.int32)
-    cu = F.pad(lens.cumsum(0, dtype=torch.int32), (1, 0)).to(q.device, non_blocking=True)  # (S+1,)
-    longest = max(seqlens)  # from the Python list: no device sync, no graph break under torch.compile
-    out = _varlen_attn()(q[0], k[0], v[0], cu, cu, longest, longest)  # (N, H, D)
-    return out[None]
-
-
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
-    if seqlens is None:
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None, varlen: Callable | None = None) -> Tensor:
+    """varlen: torch's varlen flash function (CUDA only), None for the per-segment loop."""
+    if layout is None:
         return _sdpa_dense(q, k, v)
-    if _varlen_ok(q):
-        return _sdpa_varlen(q, k, v, seqlens)
+    if varlen is not None and _varlen_fits(q):
+        # one flash call over the packed batch (cumulative offsets), like xformers' BlockDiagonalMask;
+        # the offsets and the longest sample come cached from the layout: no copy, no device sync
+        cu = layout.cu_seqlens(q.device)  # (S+1,) int32
+        out = varlen(q[0], k[0], v[0], cu, cu, layout.max_seqlen, layout.max_seqlen)  # (N, H, D)
+        return out[None]
     # one call per segment: sum(n_i^2) work, no N x N mask
+    seqlens = layout.joint_seqlens()
     segs = [
         _sdpa_dense(qs, ks, vs) if n > 0 else qs
-        for n, qs, ks, vs in zip(seqlens, *(t.split(list(seqlens), dim=1) for t in (q, k, v)))
+        for n, qs, ks, vs in zip(seqlens, *(t.split(seqlens, dim=1) for t in (q, k, v)))
     ]
     return torch.cat(segs, dim=1)  # (1, N, H, D)
 
 
-def _math(q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None) -> Tensor:
+def _math(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Tensor:
     dtype = torch.promote_types(q.dtype, torch.float32)
     qf, kf, vf = (rearrange(t.to(dtype), "b n h d -> b h n d") for t in (q, k, v))
     scores = qf @ kf.transpose(-1, -2) / math.sqrt(q.shape[-1])  # (B, H, N, N)
-    if seqlens is not None:
-        seg = torch.repeat_interleave(
-            torch.arange(len(seqlens), device=q.device), torch.tensor(list(seqlens), device=q.device)
-        )  # (N,) token -> sample
+    if layout is not None:
+        seg = layout.segment_ids(q.device)  # (N,) token -> sample
         scores = scores.masked_fill(seg[:, None] != seg[None, :], float("-inf"))
     out = scores.softmax(dim=-1) @ vf  # (B, H, N, D)
     return rearrange(out, "b h n d -> b n h d").to(q.dtype)
 
 
-_KERNELS: dict[str, Callable[[Tensor, Tensor, Tensor, Sequence[int] | None], Tensor]] = {
-    "xformers": _xformers,
-    "sdpa": _sdpa,
-    "math": _math,
-}
+# ---------------------------------------------------------------- the entry point
 
 
-def attention(
-    q: Tensor, k: Tensor, v: Tensor, seqlens: Sequence[int] | None = None, backend: str = "auto"
-) -> Tensor:
-    """Softmax attention, q (B, N, H, D) and k, v (B, M, H, D) in, (B, N, H, D) out, scale 1/sqrt(D).
-
-    M may differ from N (cross-attention, e.g. the shape encoder's latent queries over points).
-
-    seqlens: a packed variable-length batch (B == 1, sum(seqlens) == N); a token of sample i
-    attends only to sample i (block-diagonal).
-    """
+def _checked(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Layout | None:
+    """Shape checks; returns the layout when it is packed, None when attention is dense."""
     if (q.ndim != 4 or k.ndim != 4 or k.shape[0] != q.shape[0] or k.shape[2:] != q.shape[2:]
             or v.shape[:3] != k.shape[:3]):
         raise ValueError(
             f"attention expects q (B, N, H, D) and k, v (B, M, H, D), got {tuple(q.shape)}, {tuple(k.shape)}, "
             f"{tuple(v.shape)}"
         )
-    if seqlens is not None:
-        seqlens = list(seqlens)
-        if k.shape != q.shape:
-            raise ValueError(f"attention: packed seqlens need self-attention (k like q), got q {tuple(q.shape)}, "
-                             f"k {tuple(k.shape)}")
-        if q.shape[0] != 1 or sum(seqlens) != q.shape[1]:
-            raise ValueError(
-                f"attention: packed seqlens need B == 1 and sum(seqlens) == N, got B={q.shape[0]}, "
-                f"N={q.shape[1]}, sum(seqlens)={sum(seqlens)}"
-            )
+    if layout is None or not layout.is_packed:
+        return None
+    if k.shape != q.shape:
+        raise ValueError(f"attention: a packed layout needs self-attention (k like q), got q {tuple(q.shape)}, "
+                         f"k {tuple(k.shape)}")
+    if q.shape[0] != 1 or layout.num_tokens != q.shape[1]:
+        raise ValueError(
+            f"attention: a packed layout needs B == 1 and N == its tokens, got B={q.shape[0]}, "
+            f"N={q.shape[1]}, sum(seqlens)={layout.num_tokens}"
+        )
+    return layout
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None = None, backend: str = "auto") -> Tensor:
+    """Softmax attention, q (B, N, H, D) and k, v (B, M, H, D) in, (B, N, H, D) out, scale 1/sqrt(D).
+
+    M may differ from N (cross-attention, e.g. the shape encoder's latent queries over points).
+
+    layout: a packed layout (B == 1, N == its tokens) makes a token of sample i attend only to
+    sample i (block-diagonal) of the joined sequence; None or a regular layout is dense.
+    """
+    packed = _checked(q, k, v, layout)
     name = resolve_backend(q.device, backend)
     if name == "xformers" and backend == "auto" and q.dtype == torch.float64:
         name = "sdpa"  # xformers has no float64 kernel; auto should not fail on it
     if not torch.compiler.is_compiling():  # a log call inside a compiled graph would break it
         _log_choice(str(q.device), backend, name)
-    return _KERNELS[name](q, k, v, seqlens)
+    if name == "xformers":
+        return _xformers(q, k, v, packed, _load_xformers()[0])
+    if name == "sdpa":
+        return _sdpa(q, k, v, packed, _varlen_attn() if q.is_cuda else None)
+    return _math(q, k, v, packed)
 
 
 def backend_report() -> dict[str, str]:
     """What really runs here, for `doctor`: each backend is tried on a tiny input."""
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    layout = Layout.packed([[3, 5]])
     report: dict[str, str] = {}
     for name in ("xformers", "sdpa", "math"):
         ok, errors = [], []
@@ -207,7 +219,7 @@ def backend_report() -> dict[str, str]:
             dtype = torch.float16 if dev.type == "cuda" else torch.float32
             q = torch.randn(1, 8, 2, 16, device=dev, dtype=dtype)
             try:
-                out = attention(q, q, q, seqlens=[3, 5], backend=name)
+                out = attention(q, q, q, layout, backend=name)
                 if not torch.isfinite(out).all():
                     raise RuntimeError("non-finite output")
                 ok.append(dev.type)
