@@ -9,6 +9,9 @@ Backends:
   math      naive softmax in (at least) float32 with a dense mask: the reference for tests.
   auto      xformers when it imports and the tensors are on CUDA, else sdpa.
 
+The choice is made once, when a block is built (`select_kernel`, nanoGPT's `self.flash`): what
+can be known then (xformers imports, its kernels run on this machine's GPU) is settled, and a
+call only branches on the tensors' device and dtype, which torch.compile resolves statically.
 Packed batches read their offsets from the batch's `Layout` (models/packing.py), built once per
 batch, not per call.
 
@@ -20,6 +23,7 @@ from __future__ import annotations
 import functools
 import logging
 import math
+from dataclasses import dataclass
 from types import ModuleType
 from typing import Callable
 
@@ -90,8 +94,8 @@ def resolve_backend(device: torch.device, backend: str = "auto") -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _log_choice(device: str, requested: str, chosen: str) -> None:
-    log.info("attention on %s: requested %r -> using %s", device, requested, chosen)
+def _log_choice(requested: str, chosen: str) -> None:
+    log.info("attention: requested %r -> using %s", requested, chosen)
 
 
 # ---------------------------------------------------------------- kernels
@@ -106,6 +110,18 @@ def _xformers(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None, xops: Modu
             lambda: xops.fmha.BlockDiagonalMask.from_seqlens(layout.joint_seqlens(), device=q.device),
         )
     return xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, N, H, D), xformers' own layout
+
+
+def _xformers_or_sdpa(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None, xops: ModuleType) -> Tensor:
+    """auto on CUDA: xformers has no float64 kernel, and auto should not fail on it."""
+    if q.dtype == torch.float64:
+        return _sdpa(q, k, v, layout)
+    return _xformers(q, k, v, layout, xops)
+
+
+def _refuse_xformers(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Tensor:
+    """A forced xformers on a device it cannot run on: say why, for that device."""
+    raise RuntimeError(f"attention backend 'xformers' cannot run on {q.device}: {_xformers_reason(q.device)}")
 
 
 def _sdpa_dense(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
@@ -165,6 +181,31 @@ def _math(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Tensor:
 
 # ---------------------------------------------------------------- the entry point
 
+Run = Callable[[Tensor, Tensor, Tensor, Layout | None], Tensor]
+"""A kernel's body: q, k, v and the packed layout (None: dense)."""
+
+
+@dataclass(frozen=True)
+class Kernel:
+    """Attention with its backend chosen once, at build time; `select_kernel` makes one.
+
+    Called as kernel(q, k, v, layout=None): q (B, N, H, D) and k, v (B, M, H, D) in, (B, N, H, D)
+    out, scale 1/sqrt(D). M may differ from N (cross-attention, e.g. the shape encoder's latent
+    queries over points). A packed `layout` (B == 1, N == its tokens) makes a token of sample i
+    attend only to sample i (block-diagonal) of the joined sequence; None or a regular layout is dense.
+    """
+
+    name: str
+    """What runs, for logs and tests: "sdpa", "math", "xformers", or auto's "xformers on CUDA, else sdpa"."""
+    cuda: Run
+    """Runs CUDA tensors."""
+    other: Run
+    """Runs tensors on any other device."""
+
+    def __call__(self, q: Tensor, k: Tensor, v: Tensor, layout: Layout | None = None) -> Tensor:
+        packed = _checked(q, k, v, layout)
+        return (self.cuda if q.is_cuda else self.other)(q, k, v, packed)
+
 
 def _checked(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Layout | None:
     """Shape checks; returns the layout when it is packed, None when attention is dense."""
@@ -187,25 +228,40 @@ def _checked(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Layout |
     return layout
 
 
+def select_kernel(backend: str = "auto") -> Kernel:
+    """The attention a block runs for `backend`, decided now (at build time), not per call.
+
+    The tensors' device is not known yet (a model is built on the CPU, then moved), so what
+    depends on it is a static branch at the call: auto takes xformers for CUDA tensors when it
+    imports and its probe runs on this machine's GPU, sdpa for the rest; a forced xformers
+    raises at the call, with the reason, for tensors it cannot run."""
+    if backend not in BACKENDS:
+        raise ValueError(f"attention backend {backend!r} is unknown; expected one of {', '.join(BACKENDS)}")
+    gpu = torch.device("cuda") if torch.cuda.is_available() else None
+    if backend == "xformers":
+        xops, _ = _load_xformers()
+        runs = xops is not None and (gpu is None or not _xformers_reason(gpu))
+        kernel = Kernel("xformers", functools.partial(_xformers, xops=xops) if runs else _refuse_xformers,
+                        _refuse_xformers)
+    else:
+        name = resolve_backend(gpu or torch.device("cpu"), backend)
+        if name == "math":
+            kernel = Kernel("math", _math, _math)
+        elif name == "sdpa":
+            kernel = Kernel("sdpa", functools.partial(_sdpa, varlen=_varlen_attn()), _sdpa)
+        else:  # auto, and xformers runs on the GPU
+            kernel = Kernel("xformers on CUDA, else sdpa",
+                            functools.partial(_xformers_or_sdpa, xops=_load_xformers()[0]), _sdpa)
+    _log_choice(backend, kernel.name)
+    return kernel
+
+
 def attention(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None = None, backend: str = "auto") -> Tensor:
-    """Softmax attention, q (B, N, H, D) and k, v (B, M, H, D) in, (B, N, H, D) out, scale 1/sqrt(D).
+    """Softmax attention with `backend` (see `Kernel` for shapes and `layout`).
 
-    M may differ from N (cross-attention, e.g. the shape encoder's latent queries over points).
-
-    layout: a packed layout (B == 1, N == its tokens) makes a token of sample i attend only to
-    sample i (block-diagonal) of the joined sequence; None or a regular layout is dense.
-    """
-    packed = _checked(q, k, v, layout)
-    name = resolve_backend(q.device, backend)
-    if name == "xformers" and backend == "auto" and q.dtype == torch.float64:
-        name = "sdpa"  # xformers has no float64 kernel; auto should not fail on it
-    if not torch.compiler.is_compiling():  # a log call inside a compiled graph would break it
-        _log_choice(str(q.device), backend, name)
-    if name == "xformers":
-        return _xformers(q, k, v, packed, _load_xformers()[0])
-    if name == "sdpa":
-        return _sdpa(q, k, v, packed, _varlen_attn() if q.is_cuda else None)
-    return _math(q, k, v, packed)
+    Chooses the kernel at every call: for tests, tools and one-off calls. A module that attends
+    on every step keeps `select_kernel(backend)` from its constructor instead."""
+    return select_kernel(backend)(q, k, v, layout)
 
 
 def backend_report() -> dict[str, str]:

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import RMSNorm, attention, rms_norm
+from models.attention import RMSNorm, rms_norm, select_kernel
 from models.packing import Layout
 from models.rope import apply_rope
 
@@ -130,6 +130,7 @@ class DualStreamBlock(nn.Module):
             raise ValueError(f"DualStreamBlock: dim={dim} must be divisible by heads={heads}")
         self.heads = heads
         self.attn_backend = attn_backend
+        self.attend = select_kernel(attn_backend)  # chosen once, here, not per call
         self.streams = nn.ModuleList(StreamLayers(dim, heads, mlp_ratio, qk_norm) for _ in range(n_streams))
         _init_linears(self)
         for p in self.streams:
@@ -150,7 +151,7 @@ class DualStreamBlock(nn.Module):
 
         q, k = layout.join(qks).unbind(2)  # (B, N, H, D) each
         v = layout.join(vs)
-        a = attention(q, k, v, layout.joint(), backend=self.attn_backend)
+        a = self.attend(q, k, v, layout.joint())
         a = rearrange(a, "b n h d -> b n (h d)")
         attn_out = layout.split(a, sizes=[x.shape[1] for x in xs])
 
@@ -174,6 +175,7 @@ class SingleStreamBlock(nn.Module):
             raise ValueError(f"SingleStreamBlock: dim={dim} must be divisible by heads={heads}")
         self.dim, self.heads, self.hidden = dim, heads, int(dim * mlp_ratio)
         self.attn_backend = attn_backend
+        self.attend = select_kernel(attn_backend)  # chosen once, here, not per call
         self.mod = nn.Linear(dim, 3 * dim)  # shift, scale, gate
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear1 = nn.Linear(dim, 3 * dim + self.hidden)  # qkv and MLP hidden in one matmul
@@ -196,6 +198,6 @@ class SingleStreamBlock(nn.Module):
         h = modulate(self.norm(x), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * self.dim, self.hidden], dim=-1)
         qk, v = _qkv(qkv, self.heads, self.q_norm, self.k_norm, rope)
-        a = attention(*qk.unbind(2), v, layout, backend=self.attn_backend)
+        a = self.attend(*qk.unbind(2), v, layout)
         a = rearrange(a, "b n h d -> b n (h d)")
         return torch.addcmul(x, gate, self.linear2(torch.cat([a, self.act(mlp)], dim=-1)))

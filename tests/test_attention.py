@@ -166,6 +166,27 @@ def test_backend_report_runs_kernels() -> None:
         assert report["xformers"].startswith("unavailable: ") and len(report["xformers"]) > len("unavailable: ")
 
 
+def test_kernel_is_chosen_once_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a block resolves the backend; running it, regular or packed, never does again."""
+    from models.blocks import DualStreamBlock, SingleStreamBlock
+
+    calls = []
+    resolve = attn_mod.resolve_backend
+    monkeypatch.setattr(attn_mod, "resolve_backend", lambda *a, **kw: calls.append(a) or resolve(*a, **kw))
+    dual = DualStreamBlock(16, 2, n_streams=2, attn_backend="auto")
+    single = SingleStreamBlock(16, 2, attn_backend="sdpa")
+    assert len(calls) == 2 and dual.attend.name == "sdpa" and single.attend.name == "sdpa"  # CPU: sdpa either way
+    c = torch.randn(2, 16)
+    for layout, xs in [
+        (Layout(), [torch.randn(2, 5, 16), torch.randn(2, 3, 16)]),
+        (Layout.packed([[2, 3], [1, 2]]), [torch.randn(1, 5, 16), torch.randn(1, 3, 16)]),
+    ]:
+        for _ in range(3):
+            out = dual(xs, c, [None, None], layout)
+            single(layout.join(out), c, None, layout)
+    assert len(calls) == 2
+
+
 def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     attn_mod._log_choice.cache_clear()
     q, k, v = _qkv(4)
