@@ -120,7 +120,8 @@ class MMDiT(nn.Module):
         self.final = nn.ModuleList(FinalNorm(cfg.dim) for _ in range(cfg.out_streams))
         if cfg.compile:
             for block in [*self.dual, *self.single]:
-                block.compile(dynamic=True)  # in place: state-dict keys stay the same
+                # in place: state-dict keys stay the same; fullgraph: a graph break is an error, not a slowdown
+                block.compile(dynamic=True, fullgraph=True)
 
     def forward(
         self,
