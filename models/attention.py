@@ -195,6 +195,8 @@ class Kernel:
     attend only to sample i (block-diagonal) of the joined sequence; None or a regular layout is dense.
     """
 
+    backend: str
+    """The requested backend (auto, xformers, sdpa or math)."""
     name: str
     """What runs, for logs and tests: "sdpa", "math", "xformers", or auto's "xformers on CUDA, else sdpa"."""
     cuda: Run
@@ -205,6 +207,12 @@ class Kernel:
     def __call__(self, q: Tensor, k: Tensor, v: Tensor, layout: Layout | None = None) -> Tensor:
         packed = _checked(q, k, v, layout)
         return (self.cuda if q.is_cuda else self.other)(q, k, v, packed)
+
+    def __deepcopy__(self, memo: dict) -> "Kernel":
+        return self  # immutable; and a kernel may hold the xformers module, which cannot be copied
+
+    def __reduce__(self) -> tuple:
+        return select_kernel, (self.backend,)  # pickled (e.g. ddp_spawn): chosen again where it is loaded
 
 
 def _checked(q: Tensor, k: Tensor, v: Tensor, layout: Layout | None) -> Layout | None:
@@ -241,16 +249,16 @@ def select_kernel(backend: str = "auto") -> Kernel:
     if backend == "xformers":
         xops, _ = _load_xformers()
         runs = xops is not None and (gpu is None or not _xformers_reason(gpu))
-        kernel = Kernel("xformers", functools.partial(_xformers, xops=xops) if runs else _refuse_xformers,
+        kernel = Kernel(backend, "xformers", functools.partial(_xformers, xops=xops) if runs else _refuse_xformers,
                         _refuse_xformers)
     else:
         name = resolve_backend(gpu or torch.device("cpu"), backend)
         if name == "math":
-            kernel = Kernel("math", _math, _math)
+            kernel = Kernel(backend, "math", _math, _math)
         elif name == "sdpa":
-            kernel = Kernel("sdpa", functools.partial(_sdpa, varlen=_varlen_attn()), _sdpa)
+            kernel = Kernel(backend, "sdpa", functools.partial(_sdpa, varlen=_varlen_attn()), _sdpa)
         else:  # auto, and xformers runs on the GPU
-            kernel = Kernel("xformers on CUDA, else sdpa",
+            kernel = Kernel(backend, "xformers on CUDA, else sdpa",
                             functools.partial(_xformers_or_sdpa, xops=_load_xformers()[0]), _sdpa)
     _log_choice(backend, kernel.name)
     return kernel

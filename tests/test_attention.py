@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import pickle
+import types
 
 import pytest
 import torch
@@ -185,6 +189,23 @@ def test_kernel_is_chosen_once_per_block(monkeypatch: pytest.MonkeyPatch) -> Non
             out = dual(xs, c, [None, None], layout)
             single(layout.join(out), c, None, layout)
     assert len(calls) == 2
+
+
+def test_kernel_deep_copies_and_pickles() -> None:
+    """A kernel is immutable: deepcopy shares it (even one holding the xformers module, which cannot be
+    copied), pickle chooses it again where it is loaded; so a block copies and pickles."""
+    from models.blocks import SingleStreamBlock
+
+    holds_module = functools.partial(attn_mod._xformers_or_sdpa, xops=types.ModuleType("xformers.ops"))
+    kernel = attn_mod.Kernel("auto", "xformers on CUDA, else sdpa", holds_module, attn_mod._sdpa)
+    assert copy.deepcopy(kernel) is kernel
+    again = pickle.loads(pickle.dumps(kernel))
+    assert isinstance(again, attn_mod.Kernel) and again.backend == "auto"
+    assert again.name == attn_mod.select_kernel("auto").name
+    block = SingleStreamBlock(16, 2, attn_backend="math")
+    x, c = torch.randn(2, 3, 16), torch.randn(2, 16)
+    for copied in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert copied.attend.name == "math" and torch.equal(copied(x, c, None, Layout()), block(x, c, None, Layout()))
 
 
 def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
