@@ -187,7 +187,7 @@ class SingleStreamBlock(nn.Module):
         _zero(self.mod)  # adaLN-Zero: identity at init
 
     def forward(self, x: Tensor, c: Tensor, rope: Rope | None, layout: Layout) -> Tensor:
-        """x (B, N, C) the joined sequence, c (S, C) per sample; `layout` the batch's (x is its joined sequence).
+        """x (B, N, C) the joined sequence of a batch laid out by `layout` (any streams), c (S, C) per sample.
 
         The modulation Linear runs once per sample and its output is spread over the tokens
         (packed: by each token's sample), not run on every token.
