@@ -1,10 +1,11 @@
-"""Attention backends on the same shapes: forward + backward time of models.attention.attention.
+"""Attention backends on the same shapes: forward + backward time of models.attention's kernels.
 
 CPU: torch SDPA (our "sdpa" backend) vs our eager "math" reference.
 CUDA: xformers, SDPA restricted to each kernel via torch.nn.attention.sdpa_kernel (flash,
 efficient, cudnn, math) and our eager "math". One packed shape (block-diagonal, mixed
-lengths) shows the packed paths: xformers BlockDiagonalMask, our SDPA loop over segments, and
-the dense masked "math".
+lengths) shows the packed paths: xformers BlockDiagonalMask, torch's varlen flash (CUDA) or our
+SDPA loop over segments (CPU), and the dense masked "math". Each kernel is chosen once
+(`select_kernel`), as a block does, so the timings hold no backend resolution.
 
     python bench/attention_backends.py                          # CPU
     python bench/attention_backends.py --device cuda --dtype bf16 --heads 16 --tokens 1024 4096 --batch 4
@@ -19,7 +20,8 @@ import torch
 
 from bench_path import REPO  # noqa: F401
 from common import DTYPES, interleaved, median, median_ratio, report, table, parser
-from models.attention import attention
+from models.attention import select_kernel
+from models.packing import Layout
 
 
 def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[], contextlib.AbstractContextManager]]]:
@@ -43,10 +45,12 @@ def candidates(device: torch.device) -> dict[str, tuple[str, Callable[[], contex
     }
 
 
-def fwd_bwd(q, k, v, backend: str, ctx, seqlens) -> Callable[[], None]:
+def fwd_bwd(q, k, v, backend: str, ctx, layout: Layout | None) -> Callable[[], None]:
+    kernel = select_kernel(backend)
+
     def run() -> None:
         with ctx():
-            out = attention(q, k, v, seqlens=seqlens, backend=backend)
+            out = kernel(q, k, v, layout)
         out.backward(torch.ones_like(out))
         for t in (q, k, v):
             t.grad = None
@@ -73,6 +77,7 @@ def main() -> None:
         shapes.append((f"packed {args.packed}", 1, sum(args.packed), args.packed))
     rows = []
     for label, b, n, seqlens in shapes:
+        layout = None if seqlens is None else Layout.packed([seqlens]).to(device)
         g = torch.Generator().manual_seed(0)
         q, k, v = (
             torch.randn(b, n, args.heads, args.head_dim, generator=g).to(device, dtype).requires_grad_()
@@ -80,19 +85,19 @@ def main() -> None:
         )
         fns, skipped = {}, {}
         for name, (backend, ctx) in cands.items():
-            fn = fwd_bwd(q, k, v, backend, ctx, seqlens)
+            fn = fwd_bwd(q, k, v, backend, ctx, layout)
             try:
                 fn()
                 fns[name] = fn
             except Exception as e:  # a kernel that does not support this shape/dtype/GPU
                 skipped[name] = f"n/a ({type(e).__name__}: {str(e).splitlines()[0][:60]})"
         with torch.no_grad():  # correctness: every contender against our float32 math reference
-            want = attention(q, k, v, seqlens=seqlens, backend="math").float()
+            want = select_kernel("math")(q, k, v, layout).float()
             errs = {}
             for name, (backend, ctx) in cands.items():
                 if name in fns:
                     with ctx():
-                        errs[name] = (attention(q, k, v, seqlens=seqlens, backend=backend).float() - want).abs().max().item()
+                        errs[name] = (select_kernel(backend)(q, k, v, layout).float() - want).abs().max().item()
         times = interleaved(fns, args.iters, args.warmup, device)
         for name in cands:
             if name in skipped:
@@ -102,7 +107,7 @@ def main() -> None:
             rows.append([label, name, median(times[name]) * 1e3, r, f"{errs[name]:.1e}", len(times[name])])
     body = table(["shape", "backend", "fwd+bwd ms (median)", f"ratio to {ref}", "max abs err vs math", "rounds"], rows)
     config = dict(batch=args.batch, heads=args.heads, head_dim=args.head_dim, dtype=args.dtype,
-                  layout="(B, N, H, D) through models.attention.attention")
+                  layout="(B, N, H, D) through models.attention.select_kernel")
     report("attention_backends", device, config, body)
 
 

@@ -12,14 +12,13 @@ C model dim, H heads, D head dim (C = H * D), F hidden dim of the MLP.
 from __future__ import annotations
 
 import math
-from typing import Sequence
 
 import torch
 import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import RMSNorm, attention, rms_norm
+from models.attention import RMSNorm, rms_norm, select_kernel
 from models.packing import Layout
 from models.rope import apply_rope
 
@@ -131,6 +130,7 @@ class DualStreamBlock(nn.Module):
             raise ValueError(f"DualStreamBlock: dim={dim} must be divisible by heads={heads}")
         self.heads = heads
         self.attn_backend = attn_backend
+        self.attend = select_kernel(attn_backend)  # chosen once, here, not per call
         self.streams = nn.ModuleList(StreamLayers(dim, heads, mlp_ratio, qk_norm) for _ in range(n_streams))
         _init_linears(self)
         for p in self.streams:
@@ -151,7 +151,7 @@ class DualStreamBlock(nn.Module):
 
         q, k = layout.join(qks).unbind(2)  # (B, N, H, D) each
         v = layout.join(vs)
-        a = attention(q, k, v, seqlens=layout.joint_seqlens(), backend=self.attn_backend)
+        a = self.attend(q, k, v, layout.joint())
         a = rearrange(a, "b n h d -> b n (h d)")
         attn_out = layout.split(a, sizes=[x.shape[1] for x in xs])
 
@@ -175,6 +175,7 @@ class SingleStreamBlock(nn.Module):
             raise ValueError(f"SingleStreamBlock: dim={dim} must be divisible by heads={heads}")
         self.dim, self.heads, self.hidden = dim, heads, int(dim * mlp_ratio)
         self.attn_backend = attn_backend
+        self.attend = select_kernel(attn_backend)  # chosen once, here, not per call
         self.mod = nn.Linear(dim, 3 * dim)  # shift, scale, gate
         self.norm = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.linear1 = nn.Linear(dim, 3 * dim + self.hidden)  # qkv and MLP hidden in one matmul
@@ -185,26 +186,18 @@ class SingleStreamBlock(nn.Module):
         _init_linears(self)
         _zero(self.mod)  # adaLN-Zero: identity at init
 
-    def forward(
-        self, x: Tensor, c: Tensor, rope: Rope | None, seqlens: Sequence[int] | None, token_sample: Tensor | None = None
-    ) -> Tensor:
-        """x (B, N, C), c (S, C) per sample.
+    def forward(self, x: Tensor, c: Tensor, rope: Rope | None, layout: Layout) -> Tensor:
+        """x (B, N, C) the joined sequence of a batch laid out by `layout` (any streams), c (S, C) per sample.
 
-        Packed (seqlens given, B == 1): token_sample (N,) is each token's sample (built from seqlens
-        when not given). The modulation Linear runs once per sample and its output is spread over
-        the tokens, not run on every token.
+        The modulation Linear runs once per sample and its output is spread over the tokens
+        (packed: by each token's sample), not run on every token.
         """
-        mod = self.mod(F.silu(c))  # (S, 3C)
-        if seqlens is None:
-            mod = mod[:, None]  # (S, 1, 3C): broadcast over tokens
-        else:
-            if token_sample is None:
-                token_sample = Layout.packed([list(seqlens)]).joint_sample(x.device)
-            mod = mod.index_select(0, token_sample)[None]  # (1, N, 3C)
+        layout = layout.joint()  # one stream, the joined sequence; a cached attribute, free per block
+        mod = layout.expand(self.mod(F.silu(c)))  # (S, 1, 3C) regular, (1, N, 3C) packed
         shift, scale, gate = mod.chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * self.dim, self.hidden], dim=-1)
         qk, v = _qkv(qkv, self.heads, self.q_norm, self.k_norm, rope)
-        a = attention(*qk.unbind(2), v, seqlens=seqlens, backend=self.attn_backend)
+        a = self.attend(*qk.unbind(2), v, layout)
         a = rearrange(a, "b n h d -> b n (h d)")
         return torch.addcmul(x, gate, self.linear2(torch.cat([a, self.act(mlp)], dim=-1)))

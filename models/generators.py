@@ -138,9 +138,9 @@ class FlowMatchingModule(RunState, L.LightningModule):
         """Predicted velocity of every generated stream, as tokens in each stream's layout."""
         ctx, pooled = self.cond(cond, drop)  # (S, L, D), (S, D)
         s, n_ctx = ctx.shape[:2]
-        if any(x.packed for x in xs):
+        if any(x.layout.is_packed for x in xs):
             xs = [as_packed(x) for x in xs]
-            layout = Layout.packed([x.lengths for x in xs] + [[n_ctx] * s])
+            layout = Layout.packed([x.token_counts() for x in xs] + [[n_ctx] * s])
             ctx = ctx.reshape(1, s * n_ctx, -1)  # (1, S L, D)
         else:
             layout = None
@@ -189,7 +189,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
         x_t = [x.with_x(flow.interpolate(x.x, e, x.per_token(t))) for x, e in zip(xs, eps)]
         vs = self.velocity_tokens(x_t, t, self.conditions(batch), drop)
         per_sample = sum(
-            per_sample_mse(v, flow.velocity_target(x.x, e), x.lengths) for v, x, e in zip(vs, xs, eps)
+            per_sample_mse(v, flow.velocity_target(x.x, e), x.layout) for v, x, e in zip(vs, xs, eps)
         )
         return per_sample.mean()
 
@@ -238,7 +238,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
             b = x.shape[0]
             return [
                 Tokens(part.reshape(b, *ref.x.shape[1:]), None if ref.pos is None else ref.pos[:1].expand(b, -1, -1),
-                       None, ref.shapes[:1] * b)
+                       Layout(), ref.shapes[:1] * b)
                 for part, ref in zip(x.split(sizes, dim=1), xs)
             ]
 

@@ -7,7 +7,8 @@ of S tensors of different shapes (images of mixed sizes, clips of mixed lengths)
 becomes regular tokens (S, N, P); the second is tokenized sample by sample and packed end to end
 into (1, sum N_i, P) with per-sample token counts (NaViT): no padding, no cropping. Patchify is a
 permutation of values, so the flow (noise, interpolation, velocity target) runs on tokens the
-same as on latents.
+same as on latents. Which token belongs to which sample is the stream's one-stream `Layout`
+(models/packing.py), the same object the backbone and attention read.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from models.packing import Layout
 from models.tokenizers.base import Tokenizer
 
 Latents = Tensor | list[Tensor]
@@ -31,8 +33,8 @@ class Tokens:
     """(S, N, P) regular or (1, sum N_i, P) packed."""
     pos: Tensor | None
     """(S|1, N, A) positions for RoPE, or None (sets without positions)."""
-    lengths: list[int] | None
-    """Tokens per sample when packed; None when regular."""
+    layout: Layout
+    """One stream: regular (`Layout()`) or packed with the tokens of each sample."""
     shapes: list[tuple[int, ...]]
     """Per-sample latent shapes (without the batch dim)."""
 
@@ -40,71 +42,63 @@ class Tokens:
     def num_samples(self) -> int:
         return len(self.shapes)
 
-    @property
-    def packed(self) -> bool:
-        return self.lengths is not None
-
     def with_x(self, x: Tensor) -> "Tokens":
         """Same layout, other values (noise, x_t, the predicted velocity)."""
-        return Tokens(x, self.pos, self.lengths, self.shapes)
+        return Tokens(x, self.pos, self.layout, self.shapes)
 
     def token_counts(self) -> list[int]:
         """Tokens of each sample."""
-        return list(self.lengths) if self.lengths is not None else [self.x.shape[1]] * self.num_samples
+        return self.layout.stream_seqlens(0) if self.layout.is_packed else [self.x.shape[1]] * self.num_samples
 
     def per_token(self, values: Tensor) -> Tensor:
         """Per-sample values (S,) -> broadcastable against x: (S, 1, 1) regular, (1, N, 1) packed."""
-        if self.lengths is None:
-            return values.reshape(-1, 1, 1)
-        counts = torch.tensor(self.lengths, device=values.device)
-        return values.repeat_interleave(counts).reshape(1, -1, 1)
+        return self.layout.expand(values[:, None])
 
 
 def tokenize(tokenizer: Tokenizer, latents: Latents) -> Tokens:
     """Latents -> Tokens: a tensor gives a regular batch, a list of differently shaped samples a packed one."""
     if isinstance(latents, Tensor):
         x, pos = tokenizer.tokenize(latents)
-        return Tokens(x, pos, None, [tuple(latents.shape[1:])] * latents.shape[0])
+        return Tokens(x, pos, Layout(), [tuple(latents.shape[1:])] * latents.shape[0])
     if not latents:
         raise ValueError("tokenize: empty batch")
     if all(z.shape == latents[0].shape for z in latents):
         return tokenize(tokenizer, torch.stack(latents))
     parts = [tokenizer.tokenize(z[None]) for z in latents]  # each (1, N_i, P), (1, N_i, A)
     pos = None if parts[0][1] is None else torch.cat([p for _, p in parts], dim=1)
-    return Tokens(
-        torch.cat([x for x, _ in parts], dim=1), pos, [x.shape[1] for x, _ in parts], [tuple(z.shape) for z in latents]
-    )
+    layout = Layout.packed([[x.shape[1] for x, _ in parts]])
+    return Tokens(torch.cat([x for x, _ in parts], dim=1), pos, layout, [tuple(z.shape) for z in latents])
 
 
 def as_packed(tokens: Tokens) -> Tokens:
     """The same tokens in packed form (1, S N, P), for streams joined with packed ones."""
-    if tokens.lengths is not None:
+    if tokens.layout.is_packed:
         return tokens
     s, n = tokens.x.shape[:2]
     pos = None if tokens.pos is None else tokens.pos.expand(s, -1, -1).reshape(1, s * n, -1)
-    return Tokens(tokens.x.reshape(1, s * n, -1), pos, [n] * s, tokens.shapes)
+    return Tokens(tokens.x.reshape(1, s * n, -1), pos, Layout.packed([[n] * s]), tokens.shapes)
 
 
 def untokenize(tokenizer: Tokenizer, tokens: Tokens) -> Latents:
     """Exact inverse of `tokenize` (a packed batch comes back as a list)."""
-    if tokens.lengths is None:
+    if not tokens.layout.is_packed:
         return tokenizer.untokenize(tokens.x, (tokens.num_samples, *tokens.shapes[0]))
-    pieces = tokens.x.split(tokens.lengths, dim=1)
+    pieces = tokens.x.split(tokens.token_counts(), dim=1)
     return [tokenizer.untokenize(p, (1, *shape))[0] for p, shape in zip(pieces, tokens.shapes)]
 
 
-def per_sample_mse(pred: Tensor, target: Tensor, lengths: list[int] | None) -> Tensor:
+def per_sample_mse(pred: Tensor, target: Tensor, layout: Layout) -> Tensor:
     """(S,) mean squared error of each sample over its own tokens (packed: segment means).
 
     Every sample weighs the same whatever its length, as in the regular batch."""
     dtype = torch.promote_types(pred.dtype, torch.float32)  # bf16 squares lose too much
     sq = (pred.to(dtype) - target.to(dtype)) ** 2
-    if lengths is None:
+    if not layout.is_packed:
         return sq.flatten(1).mean(1)
     per_token = sq[0].sum(-1)  # (N,)
-    counts = torch.tensor(lengths, device=sq.device)
-    sample = torch.repeat_interleave(torch.arange(len(lengths), device=sq.device), counts)
-    sums = torch.zeros(len(lengths), dtype=dtype, device=sq.device).index_add_(0, sample, per_token)
+    counts = layout.cu_seqlens(sq.device).diff()  # (S,) tokens per sample
+    sums = torch.zeros(layout.num_samples(), dtype=dtype, device=sq.device)
+    sums = sums.index_add_(0, layout.segment_ids(sq.device), per_token)
     return sums / (counts * sq.shape[-1]).clamp_min(1)
 
 

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import functools
 import logging
+import pickle
+import types
 
 import pytest
 import torch
@@ -33,7 +37,7 @@ def _random_lengths(seed: int, n_samples: int = 5, max_len: int = 13) -> list[in
 def test_packed_equals_per_sample(backend: str, seed: int) -> None:
     seqlens = _random_lengths(seed)
     q, k, v = _qkv(sum(seqlens), seed=seed)
-    packed = attention(q, k, v, seqlens=seqlens, backend=backend)  # (1, N, H, D)
+    packed = attention(q, k, v, Layout.packed([seqlens]), backend=backend)  # (1, N, H, D)
 
     per_sample = [
         attention(qs, ks, vs, backend="math")
@@ -46,8 +50,9 @@ def test_packed_is_not_full_attention() -> None:
     """The block-diagonal mask matters: packed output differs from attending over everything."""
     seqlens = [4, 7]
     q, k, v = _qkv(sum(seqlens))
+    layout = Layout.packed([seqlens])
     for backend in ("sdpa", "math"):
-        assert not torch.allclose(attention(q, k, v, seqlens, backend), attention(q, k, v, None, backend))
+        assert not torch.allclose(attention(q, k, v, layout, backend), attention(q, k, v, None, backend))
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "math"])
@@ -55,7 +60,7 @@ def test_padded_batch_and_packed_agree(backend: str) -> None:
     seqlens = _random_lengths(3, n_samples=4)
     n_max = max(seqlens)
     q, k, v = _qkv(sum(seqlens))
-    packed = attention(q, k, v, seqlens=seqlens, backend=backend)
+    packed = attention(q, k, v, Layout.packed([seqlens]), backend=backend)
 
     # the same samples padded to n_max, keys masked past each length
     def pad(t: torch.Tensor) -> torch.Tensor:
@@ -74,7 +79,7 @@ def test_regular_batch_equals_packed_equal_lengths(backend: str) -> None:
     q, k, v = _qkv(n, b=b)
     regular = attention(q, k, v, backend=backend)  # (B, N, H, D)
     flat = [t.reshape(1, b * n, H, D) for t in (q, k, v)]
-    packed = attention(*flat, seqlens=[n] * b, backend=backend)
+    packed = attention(*flat, Layout.packed([[n] * b]), backend=backend)
     torch.testing.assert_close(packed.reshape(b, n, H, D), regular, rtol=1e-10, atol=1e-10)
 
 
@@ -102,10 +107,10 @@ def test_xformers_matches_sdpa(packed: bool) -> None:
     reason = attn_mod._xformers_reason(torch.device("cuda"))
     if reason:  # e.g. the pinned wheel under another torch build: auto falls back (tested below)
         pytest.skip(f"xformers: {reason}")
-    seqlens = [5, 11, 3] if packed else None
+    layout = Layout.packed([[5, 11, 3]]) if packed else None
     q, k, v = _qkv(19, dtype=torch.float16, device="cuda")
-    out = attention(q, k, v, seqlens=seqlens, backend="xformers")
-    ref = attention(q, k, v, seqlens=seqlens, backend="sdpa")
+    out = attention(q, k, v, layout, backend="xformers")
+    ref = attention(q, k, v, layout, backend="sdpa")
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     assert resolve_backend(q.device, "auto") == "xformers"
 
@@ -120,7 +125,7 @@ def test_packed_sdpa_varlen_matches_math_with_grads(dtype: torch.dtype) -> None:
     grads = {}
     for backend in ("sdpa", "math"):
         q, k, v = (t.requires_grad_() for t in _qkv(sum(seqlens), dtype=dtype, device="cuda", seed=3))
-        out = attention(q, k, v, seqlens=seqlens, backend=backend)
+        out = attention(q, k, v, Layout.packed([seqlens]), backend=backend)
         out.float().square().sum().backward()
         grads[backend] = [out.float(), *(t.grad.float() for t in (q, k, v))]
     for got, want in zip(grads["sdpa"], grads["math"]):
@@ -150,10 +155,10 @@ def test_unknown_backend_names_accepted_values() -> None:
 def test_bad_seqlens_rejected() -> None:
     q, k, v = _qkv(6)
     with pytest.raises(ValueError, match="sum"):
-        attention(q, k, v, seqlens=[2, 3])
+        attention(q, k, v, Layout.packed([[2, 3]]))
     q, k, v = _qkv(6, b=2)
     with pytest.raises(ValueError, match="B == 1"):
-        attention(q, k, v, seqlens=[3, 3])
+        attention(q, k, v, Layout.packed([[3, 3]]))
 
 
 def test_backend_report_runs_kernels() -> None:
@@ -163,6 +168,44 @@ def test_backend_report_runs_kernels() -> None:
         assert report["xformers"] == "ok (cuda)"
     else:
         assert report["xformers"].startswith("unavailable: ") and len(report["xformers"]) > len("unavailable: ")
+
+
+def test_kernel_is_chosen_once_per_block(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Building a block resolves the backend; running it, regular or packed, never does again."""
+    from models.blocks import DualStreamBlock, SingleStreamBlock
+
+    calls = []
+    resolve = attn_mod.resolve_backend
+    monkeypatch.setattr(attn_mod, "resolve_backend", lambda *a, **kw: calls.append(a) or resolve(*a, **kw))
+    dual = DualStreamBlock(16, 2, n_streams=2, attn_backend="auto")
+    single = SingleStreamBlock(16, 2, attn_backend="sdpa")
+    assert len(calls) == 2 and dual.attend.name == "sdpa" and single.attend.name == "sdpa"  # CPU: sdpa either way
+    c = torch.randn(2, 16)
+    for layout, xs in [
+        (Layout(), [torch.randn(2, 5, 16), torch.randn(2, 3, 16)]),
+        (Layout.packed([[2, 3], [1, 2]]), [torch.randn(1, 5, 16), torch.randn(1, 3, 16)]),
+    ]:
+        for _ in range(3):
+            out = dual(xs, c, [None, None], layout)
+            single(layout.join(out), c, None, layout)
+    assert len(calls) == 2
+
+
+def test_kernel_deep_copies_and_pickles() -> None:
+    """A kernel is immutable: deepcopy shares it (even one holding the xformers module, which cannot be
+    copied), pickle chooses it again where it is loaded; so a block copies and pickles."""
+    from models.blocks import SingleStreamBlock
+
+    holds_module = functools.partial(attn_mod._xformers_or_sdpa, xops=types.ModuleType("xformers.ops"))
+    kernel = attn_mod.Kernel("auto", "xformers on CUDA, else sdpa", holds_module, attn_mod._sdpa)
+    assert copy.deepcopy(kernel) is kernel
+    again = pickle.loads(pickle.dumps(kernel))
+    assert isinstance(again, attn_mod.Kernel) and again.backend == "auto"
+    assert again.name == attn_mod.select_kernel("auto").name
+    block = SingleStreamBlock(16, 2, attn_backend="math")
+    x, c = torch.randn(2, 3, 16), torch.randn(2, 16)
+    for copied in (copy.deepcopy(block), pickle.loads(pickle.dumps(block))):
+        assert copied.attend.name == "math" and torch.equal(copied(x, c, None, Layout()), block(x, c, None, Layout()))
 
 
 def test_choice_is_logged_once(caplog: pytest.LogCaptureFixture) -> None:
@@ -222,7 +265,7 @@ def test_layout_regular_join_split_round_trip() -> None:
     xs = [torch.randn(2, n, H, D) for n in (5, 3, 1)]
     joined = layout.join(xs)
     assert torch.equal(joined, torch.cat(xs, dim=1))
-    for x, back in zip(xs, layout.split(joined)):
+    for x, back in zip(xs, layout.split(joined, sizes=[5, 3, 1])):
         assert torch.equal(x, back)
     for x, back in zip(xs, Layout().split(joined, sizes=[5, 3, 1])):
         assert torch.equal(x, back)
@@ -253,6 +296,70 @@ def test_layout_packed_ops_have_exact_gradients() -> None:
     assert torch.autograd.gradcheck(lambda a, b: layout.join([a, b]), (a, b))
     assert torch.autograd.gradcheck(lambda a, b: tuple(layout.split(layout.join([a, b]) * w)), (a, b))
     assert torch.autograd.gradcheck(lambda p: (layout.expand(p, 0), layout.expand(p, 1)), (per_sample,))
+
+
+@pytest.mark.parametrize("lengths", [[[3, 0, 2], [1, 2, 1]], [[5, 1]], [[0, 4, 2], [2, 2, 2], [1, 0, 3]]])
+def test_layout_cached_index_matches_closed_forms(lengths: list[list[int]]) -> None:
+    """Segment ids, cu_seqlens and max_seqlen of the joined sequence and of each stream, built once per device."""
+    layout = Layout.packed(lengths)
+    joint = [sum(per_stream) for per_stream in zip(*lengths)]
+    s = len(joint)
+    assert layout.joint().lengths == [joint] and layout.joint() is layout.joint()
+    assert layout.max_seqlen == max(joint) and type(layout.max_seqlen) is int and layout.num_tokens == sum(joint)
+    ids = layout.segment_ids("cpu")
+    assert ids.dtype == torch.long and ids.tolist() == [i for i in range(s) for _ in range(joint[i])]
+    cu = layout.cu_seqlens("cpu")
+    assert cu.dtype == torch.int32 and cu.shape == (s + 1,)
+    assert cu.tolist() == [sum(joint[:i]) for i in range(s + 1)]
+    for st, lens in enumerate(lengths):
+        stream = layout.stream(st)
+        assert stream.stream(0) is stream and stream.joint() is stream  # one stream: its own joint
+        assert stream.segment_ids("cpu").tolist() == [i for i in range(s) for _ in range(lens[i])]
+        assert stream.cu_seqlens("cpu").tolist() == [sum(lens[:i]) for i in range(s + 1)]
+        assert stream.max_seqlen == max(lens)
+    # cached per device: the same tensors on every call; another device gets its own copy, once
+    assert layout.segment_ids("cpu") is ids and layout.cu_seqlens("cpu") is cu
+    assert layout.to("meta") is layout
+    on_meta = layout.segment_ids("meta")
+    assert on_meta.device.type == "meta" and on_meta.shape == ids.shape and layout.segment_ids("meta") is on_meta
+    assert layout.stream(0).segment_ids("meta").device.type == "meta"  # `to` filled the streams' caches too
+
+
+@pytest.mark.parametrize("packed", [False, True])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_layout_split_of_join_is_the_identity(packed: bool, seed: int) -> None:
+    """split(join(xs), sizes) == xs, sizes given explicitly: join leaves no state behind for split."""
+    g = torch.Generator().manual_seed(seed)
+    n_streams, n_samples = 3, 4
+    lengths = torch.randint(0, 6, (n_streams, n_samples), generator=g).tolist()
+    if packed:
+        layout = Layout.packed(lengths)
+        xs = [torch.randn(1, sum(lens), H, D, generator=g) for lens in lengths]
+    else:
+        layout = Layout()
+        xs = [torch.randn(n_samples, lens[0], H, D, generator=g) for lens in lengths]
+    sizes = [x.shape[1] for x in xs]
+    joined = Layout.packed(lengths).join(xs) if packed else Layout().join(xs)  # another instance joins
+    for x, back in zip(xs, layout.split(joined, sizes=sizes), strict=True):
+        assert torch.equal(x, back)
+    if packed:  # a packed layout knows its stream sizes
+        assert all(torch.equal(x, back) for x, back in zip(xs, layout.split(joined), strict=True))
+        with pytest.raises(ValueError, match="do not match"):
+            layout.split(joined, sizes=sizes[::-1] if sizes != sizes[::-1] else [s + 1 for s in sizes])
+    else:
+        with pytest.raises(ValueError, match="sizes"):
+            layout.split(joined)
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "math"])
+def test_attention_over_a_multi_stream_layout_is_over_its_joint_sequence(backend: str) -> None:
+    lengths = [[3, 1, 4], [2, 2, 0]]
+    layout = Layout.packed(lengths)
+    q, k, v = _qkv(12)
+    out = attention(q, k, v, layout, backend=backend)
+    torch.testing.assert_close(out, attention(q, k, v, layout.joint(), backend=backend), rtol=0, atol=0)
+    per_sample = [attention(*parts, backend="math") for parts in zip(*(t.split([5, 3, 4], dim=1) for t in (q, k, v)))]
+    torch.testing.assert_close(out, torch.cat(per_sample, dim=1), rtol=1e-10, atol=1e-10)
 
 
 def test_layout_rejects_inconsistent_lengths() -> None:

@@ -110,7 +110,7 @@ def test_packed_joint_batch_matches_per_sample(clips):
     samples = [transform(decoded(s)) for s in clips[:3]]
     assert len({s["x"].shape[1] for s in samples}) > 1
     xs = model.tokens(collate(samples))
-    assert all(x.packed for x in xs)
+    assert all(x.layout.is_packed for x in xs)
     t = torch.tensor([0.3, 0.6, 0.9])
     drop = torch.zeros(3, dtype=torch.bool)
     cond = {"cls": [s["cls"] for s in samples]}
@@ -120,5 +120,6 @@ def test_packed_joint_batch_matches_per_sample(clips):
             alone = model.velocity_tokens(model.tokens(collate([sample])), t[i : i + 1], {"cls": cond["cls"][i : i + 1]},
                                           drop[:1])
             for stream, (v, x) in enumerate(zip(packed, xs)):
-                start = sum(x.lengths[:i])
-                assert torch.allclose(v[0, start : start + x.lengths[i]], alone[stream][0], atol=1e-5)
+                lengths = x.token_counts()
+                start = sum(lengths[:i])
+                assert torch.allclose(v[0, start : start + lengths[i]], alone[stream][0], atol=1e-5)

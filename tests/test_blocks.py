@@ -65,10 +65,10 @@ def test_single_stream_block_is_identity_at_init() -> None:
     block = SingleStreamBlock(C, HEADS, attn_backend="sdpa")
     x, c = torch.randn(2, 9, C), torch.randn(2, C)
     rope = _rope(2, 9, 1)
-    assert torch.equal(block(x, c, rope, None), x)
+    assert torch.equal(block(x, c, rope, Layout()), x)
 
     _perturb_modulation(block)
-    out = block(x, c, rope, None)
+    out = block(x, c, rope, Layout())
     assert out.shape == x.shape and not torch.allclose(out, x)
 
 
@@ -135,7 +135,7 @@ def test_single_stream_block_matches_reference() -> None:
     a = _ref_attention(q, k, v).reshape(2, 7, C)
     mlp = torch.nn.functional.gelu(h[..., 3 * C :], approximate="tanh")
     expected = x + gate * block.linear2(torch.cat([a, mlp], -1))
-    torch.testing.assert_close(block(x, c[:, 0], rope, None), expected, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(block(x, c[:, 0], rope, Layout()), expected, rtol=1e-10, atol=1e-10)
 
 
 # ---------------------------------------------------------------- packed vs per sample
@@ -172,10 +172,10 @@ def test_single_stream_block_packed_equals_per_sample() -> None:
     x = torch.randn(1, sum(seqlens), C, dtype=torch.float64)
     c = torch.randn(3, C, dtype=torch.float64)
     pos = torch.randint(0, 9, (1, sum(seqlens), 2))
-    packed = block(x, c, rope_cos_sin(pos, AXES), seqlens, layout.joint_sample("cpu"))
-    torch.testing.assert_close(block(x, c, rope_cos_sin(pos, AXES), seqlens), packed)  # index built from seqlens
+    packed = block(x, c, rope_cos_sin(pos, AXES), layout)
+    torch.testing.assert_close(block(x, c, rope_cos_sin(pos, AXES), Layout.packed([seqlens])), packed)  # a fresh index
     for i, (out, xi, pi) in enumerate(zip(packed.split(seqlens, 1), x.split(seqlens, 1), pos.split(seqlens, 1))):
-        ref = block(xi, c[i : i + 1], rope_cos_sin(pi, AXES), None)
+        ref = block(xi, c[i : i + 1], rope_cos_sin(pi, AXES), Layout())
         torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-10)
 
 

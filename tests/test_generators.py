@@ -116,11 +116,12 @@ def test_packed_mixed_sizes_match_each_sample_alone() -> None:
 def test_packed_loss_weighs_samples_like_a_regular_batch() -> None:
     """Same-sized samples given as a list take the regular path; a packed batch's loss is the
     mean of per-sample means (a long sample does not outweigh a short one)."""
+    from models.packing import Layout
     from models.tokens import per_sample_mse
 
     pred, target = torch.zeros(1, 5, 2), torch.ones(1, 5, 2)
     target[0, :1] = 3.0  # sample 0: 1 token, error 9; sample 1: 4 tokens, error 1
-    torch.testing.assert_close(per_sample_mse(pred, target, [1, 4]), torch.tensor([9.0, 1.0]))
+    torch.testing.assert_close(per_sample_mse(pred, target, Layout.packed([[1, 4]])), torch.tensor([9.0, 1.0]))
     m = tiny()
     b = batch()
     torch.manual_seed(1)

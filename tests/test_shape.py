@@ -394,7 +394,7 @@ def test_latent_set_tokens_have_no_positions() -> None:
     assert tokens.pos is None and tokens.x.shape == (3, 6, 4) and tok.token_dim == 4
     assert torch.equal(untokenize(tok, tokens), z)
     packed = tokenize(tok, [torch.randn(5, 4), torch.randn(7, 4)])  # sets of different sizes pack too
-    assert packed.pos is None and packed.lengths == [5, 7]
+    assert packed.pos is None and packed.layout.stream_seqlens(0) == [5, 7]
     with pytest.raises(ValueError, match=r"\(B, K, 4\)"):
         tok.tokenize(torch.randn(3, 6, 5))
 

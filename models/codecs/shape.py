@@ -24,7 +24,7 @@ import torch
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import RMSNorm, attention
+from models.attention import RMSNorm, select_kernel
 from models.blocks import Mlp
 
 
@@ -79,11 +79,12 @@ class Attention(nn.Module):
         self.kv = nn.Linear(width, 2 * width)
         self.q_norm, self.k_norm = RMSNorm(width // heads), RMSNorm(width // heads)
         self.proj = nn.Linear(width, width)
+        self.attend = select_kernel("auto")  # chosen once, here, not per call
 
     def forward(self, x: Tensor, ctx: Tensor) -> Tensor:
         q = self.q_norm(rearrange(self.q(x), "b m (h e) -> b m h e", h=self.heads))  # (B, M, H, D)
         k, v = rearrange(self.kv(ctx), "b n (two h e) -> two b n h e", two=2, h=self.heads)  # (B, N, H, D)
-        out = attention(q, self.k_norm(k), v)  # (B, M, H, D)
+        out = self.attend(q, self.k_norm(k), v)  # (B, M, H, D), dense
         return self.proj(rearrange(out, "b m h e -> b m (h e)"))
 
 
