@@ -20,6 +20,7 @@ from models.flow import (
     UniformT,
     UShapedT,
 )
+from models.packing import Layout
 from models.tokens import per_sample_mse
 
 N_T = 200_000  # timestep draws per sampler check: std error of a mean ~ 7e-4
@@ -338,11 +339,11 @@ def test_cfg_velocity():
 
 def test_per_sample_mse_values():
     v = torch.randn(3, 4, 5, dtype=torch.float64)
-    assert per_sample_mse(v, v, None).mean().item() == 0.0
-    assert per_sample_mse(v + 2.0, v, None).mean().item() == pytest.approx(4.0)
+    assert per_sample_mse(v, v, Layout()).mean().item() == 0.0
+    assert per_sample_mse(v + 2.0, v, Layout()).mean().item() == pytest.approx(4.0)
     err = torch.zeros_like(v)
     err[0], err[1], err[2] = 1.0, 5.0, 3.0  # per-sample MSE 1, 25, 9
-    torch.testing.assert_close(per_sample_mse(v + err, v, None), torch.tensor([1.0, 25.0, 9.0], dtype=torch.float64))
+    torch.testing.assert_close(per_sample_mse(v + err, v, Layout()), torch.tensor([1.0, 25.0, 9.0], dtype=torch.float64))
 
 
 def test_per_sample_mse_packed_equals_each_sample_alone():
@@ -350,7 +351,7 @@ def test_per_sample_mse_packed_equals_each_sample_alone():
     g = gen(11)
     lengths = [5, 2]
     pred, target = torch.randn(1, 7, 3, generator=g, dtype=torch.float64), torch.randn(1, 7, 3, generator=g, dtype=torch.float64)
-    loss = per_sample_mse(pred, target, lengths)
+    loss = per_sample_mse(pred, target, Layout.packed([lengths]))
     alone = [((p - q) ** 2).mean() for p, q in zip(pred[0].split(lengths), target[0].split(lengths))]
     torch.testing.assert_close(loss, torch.stack(alone))
 
