@@ -54,6 +54,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
     """Generated streams; the backbone has one more (the context)."""
     sample_rate: int | None = None
     """Audio rate of the generated media (audio generators), for writers and the tracker's audio panel."""
+    codec_hparams: ClassVar[tuple[str, ...]] = ("codec",)
+    """The constructor argument of each generated stream's codec (its config is in the hyper-parameters)."""
 
     def __init__(
         self,
@@ -135,20 +137,27 @@ class FlowMatchingModule(RunState, L.LightningModule):
     # ---- the model -------------------------------------------------------------------
 
     def velocity_tokens(self, xs: list[Tokens], t: Tensor, cond: dict[str, Any], drop: Tensor) -> list[Tensor]:
-        """Predicted velocity of every generated stream, as tokens in each stream's layout."""
-        ctx, pooled = self.cond(cond, drop)  # (S, L, D), (S, D)
-        s, n_ctx = ctx.shape[:2]
-        if any(x.layout.is_packed for x in xs):
+        """Predicted velocity of every generated stream, as tokens in each stream's layout.
+
+        A context of captions with their own lengths (a list) packs the whole batch: each sample
+        attends to its own caption tokens only, never to padding."""
+        ctx, pooled = self.cond(cond, drop)  # (S, L, D) or S x (L_b, D); (S, D)
+        s = pooled.shape[0]
+        if isinstance(ctx, list) and len({c.shape[0] for c in ctx}) == 1:
+            ctx = torch.stack(ctx)  # every caption the same length: a regular batch
+        ctx_lengths = [c.shape[0] for c in ctx] if isinstance(ctx, list) else [ctx.shape[1]] * s
+        given = xs
+        if isinstance(ctx, list) or any(x.layout.is_packed for x in xs):
             xs = [as_packed(x) for x in xs]
-            layout = Layout.packed([x.token_counts() for x in xs] + [[n_ctx] * s])
-            ctx = ctx.reshape(1, s * n_ctx, -1)  # (1, S L, D)
+            layout = Layout.packed([x.token_counts() for x in xs] + [ctx_lengths])
+            ctx = torch.cat(list(ctx))[None] if isinstance(ctx, list) else ctx.reshape(1, -1, ctx.shape[-1])  # (1, sum L, D)
         else:
             layout = None
         if self.training:
-            self.last_lengths = [sum(n) + n_ctx for n in zip(*(x.token_counts() for x in xs))]
+            self.last_lengths = [sum(n) + c for *n, c in zip(*(x.token_counts() for x in xs), ctx_lengths)]
         streams = [proj(x.x) for proj, x in zip(self.x_in, xs)] + [ctx]
         hs = self.backbone(streams, t, pooled, [x.pos for x in xs] + [None], layout)
-        return [proj(h) for proj, h in zip(self.x_out, hs)]
+        return [proj(h).reshape(x.x.shape[:2] + (-1,)) for proj, h, x in zip(self.x_out, hs, given)]  # as given
 
     def velocity(self, x_t: Latents, t: Tensor, cond: dict[str, Any], drop: Tensor) -> Latents:
         """v(x_t, t | cond) of a single-stream model in the latents' own form (tensor or list)."""
@@ -157,19 +166,35 @@ class FlowMatchingModule(RunState, L.LightningModule):
         return untokenize(self.tokenizer, x.with_x(v))
 
     def latents(self, batch: dict[str, Any]) -> list[Latents]:
-        """The first stage of every generated stream, trimmed to whole patches (no gradient: codecs are fixed)."""
+        """The first stage of every generated stream, trimmed to whole patches (no gradient: codecs are fixed).
+
+        A stream's latents come cached when the batch has ``<key>_latent`` (latent shards written by
+        ``duoflow shards encode``: the autoencoder's own latents, normalised here with the codec's
+        statistics), else the codec encodes ``batch[key]``."""
+        out = []
         with torch.no_grad():
-            return [
-                map_latents(lambda x, codec=codec, tok=tok: tok.crop(codec.encode(x)), batch[key])
-                for key, codec, tok in zip(self.keys, self.codecs, self.tokenizers)
-            ]
+            for key, codec, tok in zip(self.keys, self.codecs, self.tokenizers):
+                cached = batch.get(f"{key}_latent")
+                if cached is None:
+                    out.append(map_latents(lambda x, codec=codec, tok=tok: tok.crop(codec.encode(x)), batch[key]))
+                    continue
+                if not hasattr(codec, "normalise"):
+                    raise ValueError(f"the batch holds cached latents ({key}_latent) but the {key!r} stream's codec is "
+                                     f"{type(codec).__name__}; set it to models.codecs.pretrained.PretrainedAutoencoder")
+                out.append(map_latents(lambda z, codec=codec, tok=tok: tok.crop(codec.normalise(z)), cached))
+        return out
+
+    def num_samples(self, batch: dict[str, Any]) -> int:
+        """Samples in a batch (media or cached latents)."""
+        key = self.keys[0]
+        return len(batch[key] if key in batch else batch[f"{key}_latent"])
 
     def tokens(self, batch: dict[str, Any]) -> list[Tokens]:
         return [tokenize(tok, z) for tok, z in zip(self.tokenizers, self.latents(batch))]
 
     @staticmethod
     def conditions(batch: dict[str, Any]) -> dict[str, Any]:
-        return {k: batch[k] for k in ("cls", "txt") if k in batch}
+        return {k: batch[k] for k in ("cls", "txt", "txt_tokens", "txt_pooled") if k in batch}
 
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = True) -> Tensor:
         """Mean over samples of the squared velocity error, summed over generated streams.
@@ -195,18 +220,36 @@ class FlowMatchingModule(RunState, L.LightningModule):
 
     # ---- training ----------------------------------------------------------------------
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Pretrained models are not stored: their folders are (in the config), with the fingerprint
+        of each, so sample/evaluate stop with one line if a folder went missing or changed. The
+        latent statistics travel as the codec's buffers, so the stats file is not needed again."""
+        super().on_save_checkpoint(checkpoint)
+        hparams = checkpoint.get("hyper_parameters", {})
+        for name, codec in zip(self.codec_hparams, self.codecs):
+            init = (hparams.get(name) or {}).get("init_args") if isinstance(hparams.get(name), dict) else None
+            if isinstance(init, dict) and getattr(codec, "fingerprint", None):
+                init["fingerprint"], init["stats"] = codec.fingerprint, None
+        cond = hparams.get("conditioning")
+        encoders = cond.get("init_args", {}).get("encoders") if isinstance(cond, dict) else None
+        if isinstance(encoders, list) and hasattr(self.cond, "fingerprints"):
+            for spec, fingerprint in zip(encoders, self.cond.fingerprints):
+                if isinstance(spec, dict):
+                    spec["fingerprint"] = fingerprint
+
+
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(self, self.optim)
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         loss = self.loss(batch, self.noise_generator())
-        guarded_step(self, loss, batch_size=len(batch[self.keys[0]]))
+        guarded_step(self, loss, batch_size=self.num_samples(batch))
         return loss.detach()
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         gen = torch.Generator(device="cpu").manual_seed(batch_idx)  # same t and noise every validation
         loss = self.loss(batch, gen, dropout=False)
-        self.log("val/loss", loss, prog_bar=True, batch_size=len(batch[self.keys[0]]), sync_dist=True)
+        self.log("val/loss", loss, prog_bar=True, batch_size=self.num_samples(batch), sync_dist=True)
         return loss
 
     # ---- sampling ----------------------------------------------------------------------
@@ -361,6 +404,7 @@ class AudioVideoFlow(FlowMatchingModule):
 
     media_suffix = ".mp4"
     num_generated = 2
+    codec_hparams = ("codec", "audio_codec")
 
     def __init__(
         self,

@@ -1,0 +1,101 @@
+"""Generators on pretrained first stages and text encoders: cached and on-the-fly latents agree,
+captions of their own lengths are packed (padding never attended), checkpoints keep folders and
+fingerprints but not the pretrained weights."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from models.backbone import MMDiTConfig
+from models.codecs.pretrained import PretrainedAutoencoder
+from models.conditioning import PretrainedText
+from models.flow import Euler
+from models.generators import ImageFlow
+from models.text_encoders import TextEncoders, TextEncoderSpec
+from models.tokenizers.image import ImagePatches
+from models.tokens import tokenize, untokenize
+
+CAPTIONS = ["a red circle on the left", "a blue square", "a green triangle moving up", ""]
+
+
+def latent_flow(pretrained: dict[str, Path], **kw) -> ImageFlow:
+    torch.manual_seed(0)
+    codec = PretrainedAutoencoder(str(pretrained["kl"]), subfolder="vae")
+    text = PretrainedText(encoders=(TextEncoderSpec(str(pretrained["t5"]), max_length=16),
+                                    TextEncoderSpec(str(pretrained["sd3"]), subfolder="text_encoder",
+                                                    tokenizer_subfolder="tokenizer")))
+    return ImageFlow(tokenizer=ImagePatches(codec.latent_channels, 8, 2), codec=codec, conditioning=text,
+                     backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1), sampler=Euler(steps=3), **kw)
+
+
+def cached_batch(model: ImageFlow, images: torch.Tensor, captions: list[str]) -> dict:
+    """What CachedLatents hands the model for samples `duoflow shards encode` stored."""
+    encoded = model.cond.text.encode(captions)
+    tokens = [list(t) for t in zip(*(encoded.unpadded(i) for i in range(len(encoded.tokens))))]
+    return {"x_latent": model.codec.encode_raw(images), "txt": captions, "txt_tokens": tokens,
+            "txt_pooled": encoded.pooled}
+
+
+def test_cached_latents_and_embeddings_train_exactly_as_on_the_fly(pretrained) -> None:
+    model = latent_flow(pretrained)
+    images = torch.rand(4, 3, 16, 16) * 2 - 1
+    live = {"x": images, "txt": CAPTIONS}
+    cached = cached_batch(model, images, CAPTIONS)
+    torch.testing.assert_close(model.latents(cached)[0], model.latents(live)[0], atol=1e-6, rtol=1e-6)
+    assert model.latents(live)[0].shape == (4, 4, 8, 8)
+    losses = [model.loss(b, torch.Generator().manual_seed(3)) for b in (live, cached)]
+    torch.testing.assert_close(losses[0], losses[1], atol=1e-5, rtol=1e-5)
+    assert model.num_samples(cached) == model.num_samples(live) == 4
+
+
+def test_captions_are_packed_at_their_own_lengths(pretrained) -> None:
+    """Each sample's velocity equals the sample alone: caption tokens of other lengths are never padded in."""
+    model = latent_flow(pretrained)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)  # leave the zero init, so the velocity depends on everything
+    lengths = [len(t) for t in model.cond.embeddings({"txt": CAPTIONS})[0]]
+    assert len({sum(x.shape[0] for x in t) for t in model.cond.embeddings({"txt": CAPTIONS})[0]}) > 1, lengths
+    z = torch.randn(4, 4, 8, 8)
+    t = torch.rand(4)
+
+    def velocity(z: torch.Tensor, t: torch.Tensor, captions: list[str]) -> torch.Tensor:
+        x = tokenize(model.tokenizer, z)
+        (v,) = model.velocity_tokens([x], t, {"txt": captions}, torch.zeros(len(captions), dtype=torch.bool))
+        return untokenize(model.tokenizer, x.with_x(v))
+
+    together = velocity(z, t, CAPTIONS)
+    for i in range(4):
+        torch.testing.assert_close(together[i], velocity(z[i : i + 1], t[i : i + 1], CAPTIONS[i : i + 1])[0],
+                                   atol=1e-5, rtol=1e-5)
+
+
+def test_dropped_captions_use_the_empty_caption(pretrained) -> None:
+    model = latent_flow(pretrained)
+    drop = torch.tensor([True, False, True, False])
+    ctx, pooled = model.cond({"txt": CAPTIONS}, drop)
+    null_ctx, null_pooled = model.cond({"txt": [""] * 4}, torch.zeros(4, dtype=torch.bool))
+    torch.testing.assert_close(ctx[0], null_ctx[0])
+    torch.testing.assert_close(pooled[2], null_pooled[2])
+    assert ctx[1].shape[0] != ctx[0].shape[0]  # the kept caption keeps its own tokens
+
+
+def test_checkpoint_keeps_folders_and_fingerprints_not_pretrained_weights(pretrained, tmp_path) -> None:
+    model = latent_flow(pretrained)
+    names = set(model.state_dict())
+    assert {k for k in names if k.startswith("codecs.")} == {"codecs.0.latent_mean", "codecs.0.latent_std"}
+    assert not any("text" in k and "proj" not in k and "pooled" not in k for k in names if k.startswith("cond."))
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == set(dict(model.named_parameters()))
+    checkpoint = {"hyper_parameters": {
+        "codec": {"class_path": "models.codecs.pretrained.PretrainedAutoencoder",
+                  "init_args": {"path": str(pretrained["kl"]), "subfolder": "vae", "stats": "gone.json"}},
+        "conditioning": {"class_path": "models.conditioning.PretrainedText",
+                         "init_args": {"encoders": [{"path": str(pretrained["t5"])}, {"path": str(pretrained["sd3"])}]}},
+    }}
+    model.on_save_checkpoint(checkpoint)
+    hp = checkpoint["hyper_parameters"]
+    assert hp["codec"]["init_args"]["fingerprint"] == model.codec.fingerprint and hp["codec"]["init_args"]["stats"] is None
+    assert [e["fingerprint"] for e in hp["conditioning"]["init_args"]["encoders"]] == model.cond.fingerprints
+    assert TextEncoders([TextEncoderSpec(str(pretrained["t5"]), fingerprint=model.cond.fingerprints[0])])
