@@ -14,6 +14,7 @@ from torch import Tensor
 from app.errors import UserError
 from app.evaluation.checkers.audio import audio_scores
 from app.evaluation.checkers.audiovideo import sync_scores
+from app.evaluation.checkers.image import caption_scores, parse_caption
 from app.evaluation.checkers.shape import coverage_mmd_from, pairwise_chamfer, shape_class_accuracy
 from app.evaluation.checkers.video import video_scores
 from app.evaluation.evaluators import CheckerEvaluator, Evaluator, FeatureEvaluator, known_labels
@@ -43,6 +44,11 @@ class ImageEvaluator(FeatureEvaluator):
         "recall": "fraction of real samples on the generated manifold (coverage)",
         "cas": "feature-net accuracy on generated samples labelled by their class (CAS)",
         "real_acc": "feature-net accuracy on the real held-out samples (the ceiling of cas)",
+        "colour_accuracy": "text models on synthetic captions: the checker reads the caption's colour back",
+        "shape_accuracy": "... the caption's shape",
+        "position_accuracy": "... the caption's position (top/bottom, left/right, centre)",
+        "caption_accuracy": "... colour, shape and position all right (caption following)",
+        "real_caption_accuracy": "caption_accuracy of the real held-out images (the ceiling)",
     }
 
     def __init__(self, *args: Any, **kwargs: Any):
@@ -63,6 +69,30 @@ class ImageEvaluator(FeatureEvaluator):
     def info(self) -> dict[str, Any]:
         keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
         return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
+
+    def captions(self, held_out: dict[str, Any]) -> list[str] | None:
+        """The held-out captions a text model is conditioned on, when they are synthetic shape captions
+        (the caption-following checker reads colour, shape and position back); else None."""
+        captions = list(held_out.get("txt") or [])
+        text_model = getattr(self.model.cond, "num_classes", None) is None
+        if not text_model or not captions or any(parse_caption(c) is None for c in captions):
+            return None
+        return captions
+
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        reference = super().reference(held_out)
+        captions = self.captions(held_out)
+        if captions is not None:
+            real = caption_scores(to_uint8_images(self.as_generated(held_out)), captions)
+            reference.update(captions=captions, real_caption={f"real_{k}": v for k, v in real.items()})
+        return reference
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        out = super().scores(generated, labels, reference)
+        if reference.get("captions") is not None:  # generated[i] was conditioned on captions[i] (run.conditions_for)
+            out.update(caption_scores(to_uint8_images(generated), reference["captions"][: len(generated)]))
+            out.update(reference["real_caption"])
+        return out
 
 class VideoEvaluator(CheckerEvaluator):
     """Bouncing-shape clips (synthetic_videos): the procedural checker reads shape, motion and frame
@@ -108,6 +138,30 @@ class VideoEvaluator(CheckerEvaluator):
     def info(self) -> dict[str, Any]:
         keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
         return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
+
+    def captions(self, held_out: dict[str, Any]) -> list[str] | None:
+        """The held-out captions a text model is conditioned on, when they are synthetic shape captions
+        (the caption-following checker reads colour, shape and position back); else None."""
+        captions = list(held_out.get("txt") or [])
+        text_model = getattr(self.model.cond, "num_classes", None) is None
+        if not text_model or not captions or any(parse_caption(c) is None for c in captions):
+            return None
+        return captions
+
+    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
+        reference = super().reference(held_out)
+        captions = self.captions(held_out)
+        if captions is not None:
+            real = caption_scores(to_uint8_images(self.as_generated(held_out)), captions)
+            reference.update(captions=captions, real_caption={f"real_{k}": v for k, v in real.items()})
+        return reference
+
+    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
+        out = super().scores(generated, labels, reference)
+        if reference.get("captions") is not None:  # generated[i] was conditioned on captions[i] (run.conditions_for)
+            out.update(caption_scores(to_uint8_images(generated), reference["captions"][: len(generated)]))
+            out.update(reference["real_caption"])
+        return out
 
 class AudioEvaluator(CheckerEvaluator):
     """Note clips (synthetic_audio): the procedural checker reads timbre, pitch and voicing back from every
