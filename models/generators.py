@@ -69,7 +69,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
         """
         Args:
             tokenizer: Patchify/unpatchify of the modality's latent (its positions feed RoPE).
-            backbone: The MM-DiT; `streams` = generated streams + 1 (the context), `out_streams` = generated ones.
+            backbone: The MM-DiT; its `streams` (generated + the context), `out_streams` (generated) and
+                `rope_axes` (the tokenizer's) are derived here: leave them out.
             conditioning: What the model is conditioned on (ClassLabel, ByteText, Unconditional).
             codec: First stage (encode data to the latent the flow runs in); None = identity (pixels).
             timesteps: Training-time t distribution (LogitNormalT, UniformT, ModeT, UShapedT).
@@ -83,16 +84,15 @@ class FlowMatchingModule(RunState, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # we decide per step whether to apply it (non-finite guard)
-        self.cfg = backbone
+        self.cfg = backbone.derive(type(self).__name__, self.num_generated, tokenizer.rope_axes)
         self.timesteps = timesteps
         self.sampler = sampler
         self.shift = shift
         self.cond_drop = cond_drop
         self.cfg_scale = cfg_scale
         self.optim = optim
-        self.check_streams(backbone)
-        self.cond = conditioning.build(backbone.dim)
-        self.backbone = MMDiT(backbone)
+        self.cond = conditioning.build(self.cfg.dim)
+        self.backbone = MMDiT(self.cfg)
         self.keys: list[str] = []
         self.tokenizers: list[Tokenizer] = []
         self.codecs = nn.ModuleList()
@@ -121,14 +121,6 @@ class FlowMatchingModule(RunState, L.LightningModule):
     @property
     def codec(self) -> nn.Module:
         return self.codecs[0]
-
-    def check_streams(self, cfg: MMDiTConfig) -> None:
-        n = self.num_generated
-        if cfg.streams != n + 1 or cfg.out_streams != n:
-            raise ValueError(
-                f"model.backbone.streams={cfg.streams}, out_streams={cfg.out_streams}: "
-                f"{type(self).__name__} needs streams={n + 1} and out_streams={n} ({n} generated + the context)"
-            )
 
     # ---- the model -------------------------------------------------------------------
 
@@ -345,20 +337,18 @@ class AudioFlow(FlowMatchingModule):
         self,
         tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
-        backbone: MMDiTConfig = MMDiTConfig(rope_axes=1),
         sample_rate: int = 8000,
         codec: MelCodec | None = None,
         **kwargs: Any,
     ):
         """
         Args:
-            backbone: The MM-DiT, with one RoPE axis (time).
             sample_rate: Rate of the training audio (set data.transform.sample_rate to the same) and of the WAVs.
             codec: Log-mel codec; None = MelCodec defaults at sample_rate with n_mels = tokenizer.channels.
             Other arguments as FlowMatchingModule.
         """
         mel = mel_codec_for(tokenizer, sample_rate, codec)
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, codec=mel, **kwargs)
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, codec=mel, **kwargs)
         self.sample_rate = sample_rate  # also read by log_media for the W&B audio panel
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
@@ -380,7 +370,6 @@ class AudioVideoFlow(FlowMatchingModule):
         tokenizer: VideoPatches = VideoPatches(),
         audio_tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
-        backbone: MMDiTConfig = MMDiTConfig(streams=3, out_streams=2, rope_axes=3),
         fps: int = 8,
         sample_rate: int = 8000,
         audio_codec: MelCodec | None = None,
@@ -390,7 +379,6 @@ class AudioVideoFlow(FlowMatchingModule):
         Args:
             tokenizer: Video patches (3-D RoPE: t, row, col).
             audio_tokenizer: Mel-frame patches; its `frames` must last as long as the video's `frames`.
-            backbone: The MM-DiT: streams=3 (video, audio, context), out_streams=2, rope_axes=3.
             fps: Frame rate of the data and of the written MP4s.
             sample_rate: Audio rate of the data (data.transform.sample_rate) and of the MP4 soundtracks.
             audio_codec: Log-mel codec; None = MelCodec defaults at sample_rate, n_mels = audio_tokenizer.channels.
@@ -403,7 +391,7 @@ class AudioVideoFlow(FlowMatchingModule):
                 f"audio_tokenizer.frames={audio_tokenizer.frames}: expected about {expected:.1f} mel frames, as long as "
                 f"tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, hop={mel.hop})"
             )
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, **kwargs)
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
         self.add_stream("audio", audio_tokenizer, mel)
         self.fps, self.sample_rate = fps, sample_rate
 
