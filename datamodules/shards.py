@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.decoders import decode_sample
+from datamodules.media.spec import DescribesMedia
 from datamodules.shardlists import (
     count_samples,
     count_tar_samples,
@@ -56,11 +57,16 @@ class ShardDataModule(lightning.LightningDataModule):
         seed: Seed for the shard order and the shuffle buffers.
         samples_per_epoch: Samples per epoch over all ranks; None counts the train shards.
         max_bad_fraction: Stop when more than this fraction of samples fail to decode.
-        batch_budget: Close a training batch before its summed sample cost passes this (the
-            transform's ``cost``: tokens for images with ``multiple`` = patch size); ``batch_size``
-            still caps the samples. For mixed sizes: small images come many to a batch, large ones
-            few. An epoch stays ``samples_per_epoch // (batch_size * world_size)`` batches, so set
+        batch_budget: Close a training batch before it holds more than this many TOKENS (the
+            transform's ``cost``: what the model's tokenizers make of a sample, for every modality;
+            audio-video counts video plus audio tokens); ``batch_size`` still caps the samples.
+            For mixed sizes: small images or short clips come many to a batch, large ones few. An
+            epoch stays ``samples_per_epoch // (batch_size * world_size)`` batches, so set
             ``batch_size`` to the samples a typical batch holds. None: fixed ``batch_size``.
+
+    The transform follows the model: ``setup`` hands it the generator's ``MediaSpec``, so sizes,
+    multiples and rates the data config leaves unset come from the model, and token counts use
+    the model's patch sizes.
     """
 
     def __init__(
@@ -90,6 +96,12 @@ class ShardDataModule(lightning.LightningDataModule):
         self.samples_per_epoch, self.max_bad_fraction = samples_per_epoch, max_bad_fraction
         self._consumed: dict[int, tuple[int, int]] = {}  # worker -> (epoch, batches) the training loop took
         self._resume: dict[str, Any] = {}  # the data position loaded from a checkpoint
+
+    def setup(self, stage: str) -> None:
+        """Hand the model's media spec to the transform (options the data config left unset follow the model)."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if isinstance(module, DescribesMedia):
+            self.transform.follow(module.media_spec())
 
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
         """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""

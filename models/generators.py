@@ -24,6 +24,7 @@ from datamodules.media import audio as media_audio
 from datamodules.media import image as image_media
 from datamodules.media import video as media
 from datamodules.media.mesh import save_meshes
+from datamodules.media.spec import MediaSpec, agree
 from models import flow
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
@@ -52,6 +53,10 @@ class FlowMatchingModule(RunState, L.LightningModule):
     media_suffix: ClassVar[str] = ".pt"
     num_generated: ClassVar[int] = 1
     """Generated streams; the backbone has one more (the context)."""
+    fps: int | None = None
+    """Frame rate of the media (video generators set it)."""
+    sample_rate: int | None = None
+    """Audio sample rate of the media (audio generators set it)."""
 
     def __init__(
         self,
@@ -94,6 +99,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
         self.cond = conditioning.build(self.cfg.dim)
         self.backbone = MMDiT(self.cfg)
         self.keys: list[str] = []
+        self.tokenizer_keys: list[str] = []
+        """Config key of each stream's tokenizer (for the media spec's error messages)."""
         self.tokenizers: list[Tokenizer] = []
         self.codecs = nn.ModuleList()
         self.x_in = nn.ModuleList()
@@ -103,9 +110,11 @@ class FlowMatchingModule(RunState, L.LightningModule):
         self.last_lengths: list[int] = []
         """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
-    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None) -> None:
+    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None,
+                   config_key: str = "model.tokenizer") -> None:
         """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections."""
         self.keys.append(key)
+        self.tokenizer_keys.append(config_key)
         self.tokenizers.append(tokenizer)
         self.codecs.append(codec if codec is not None else Identity())
         self.x_in.append(nn.Linear(tokenizer.token_dim, self.cfg.dim))
@@ -121,6 +130,19 @@ class FlowMatchingModule(RunState, L.LightningModule):
     @property
     def codec(self) -> nn.Module:
         return self.codecs[0]
+
+    def media_spec(self) -> MediaSpec:
+        """What this generator's media look like (sides, multiples, frames, rates) and what a token spans.
+
+        The data transform follows it (ShardDataModule.setup, the evaluators), so a config states
+        these values once, in the model; each stream's tokenizer and codec give their part."""
+        fields: dict[str, Any] = {"fps": self.fps, "sample_rate": self.sample_rate}
+        sources = {"fps": "model.fps", "sample_rate": "model.sample_rate"}
+        for tok, codec, key in zip(self.tokenizers, self.codecs, self.tokenizer_keys):
+            part = tok.media(codec, key)
+            sources.update(part.pop("sources", {}))
+            fields.update(part)
+        return MediaSpec(**fields, sources=sources)
 
     # ---- the model -------------------------------------------------------------------
 
@@ -316,15 +338,17 @@ class VideoFlow(FlowMatchingModule):
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
 
 
-def mel_codec_for(tokenizer: AudioFrames, sample_rate: int, codec: MelCodec | None) -> MelCodec:
-    """The audio stream's codec: ``codec``, or MelCodec's defaults at ``sample_rate``; checked against both."""
-    mel = MelCodec(sample_rate=sample_rate, n_mels=tokenizer.channels) if codec is None else codec
-    if mel.sample_rate != sample_rate or mel.n_mels != tokenizer.channels:
-        raise ValueError(
-            f"codec: sample_rate={mel.sample_rate}, n_mels={mel.n_mels}; expected the model's sample_rate={sample_rate} "
-            f"and n_mels = tokenizer channels={tokenizer.channels}"
-        )
-    return mel
+def audio_stream(tokenizer: AudioFrames, codec: MelCodec | None, sample_rate: int, keys: tuple[str, str],
+                 frames: int | None = None) -> tuple[AudioFrames, MelCodec]:
+    """An audio stream's codec at the model's ``sample_rate`` (MelCodec's defaults when None) and its tokenizer
+    with channels = the codec's n_mels and ``frames`` (None: the tokenizer's, else its default).
+
+    ``keys``: the tokenizer's and the codec's config keys. Each value is stated once: a stated one
+    that contradicts the model's is one ValueError line naming both."""
+    tok_key, codec_key = keys
+    mel = (codec or MelCodec()).at_rate(sample_rate, codec_key)
+    channels = agree(f"{tok_key}.channels", tokenizer.channels, mel.n_mels, f"the codec's n_mels ({codec_key}.n_mels)")
+    return replace(tokenizer, channels=channels, frames=frames or tokenizer.frames or tokenizer.default_frames), mel
 
 
 class AudioFlow(FlowMatchingModule):
@@ -343,12 +367,13 @@ class AudioFlow(FlowMatchingModule):
     ):
         """
         Args:
-            sample_rate: Rate of the training audio (set data.transform.sample_rate to the same) and of the WAVs.
-            codec: Log-mel codec; None = MelCodec defaults at sample_rate with n_mels = tokenizer.channels.
+            tokenizer: Mel-frame patches; its channels follow the codec's n_mels.
+            sample_rate: Rate of the training audio (the data transform follows it) and of the WAVs.
+            codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
             Other arguments as FlowMatchingModule.
         """
-        mel = mel_codec_for(tokenizer, sample_rate, codec)
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, codec=mel, **kwargs)
+        tok, mel = audio_stream(tokenizer, codec, sample_rate, ("model.tokenizer", "model.codec"))
+        super().__init__(tokenizer=tok, conditioning=conditioning, codec=mel, **kwargs)
         self.sample_rate = sample_rate  # also read by log_media for the W&B audio panel
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
@@ -377,22 +402,27 @@ class AudioVideoFlow(FlowMatchingModule):
     ):
         """
         Args:
-            tokenizer: Video patches (3-D RoPE: t, row, col).
-            audio_tokenizer: Mel-frame patches; its `frames` must last as long as the video's `frames`.
-            fps: Frame rate of the data and of the written MP4s.
-            sample_rate: Audio rate of the data (data.transform.sample_rate) and of the MP4 soundtracks.
-            audio_codec: Log-mel codec; None = MelCodec defaults at sample_rate, n_mels = audio_tokenizer.channels.
+            tokenizer: Video patches (3-D RoPE: t, row, col; the backbone's rope_axes follow it).
+            audio_tokenizer: Mel-frame patches; channels follow the codec's n_mels and `frames` the video's
+                duration (tokenizer.frames / fps seconds): leave both out.
+            fps: Frame rate of the data (the data transform follows it) and of the written MP4s.
+            sample_rate: Audio rate of the data (the data transform follows it) and of the MP4 soundtracks.
+            audio_codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
             Other arguments as FlowMatchingModule.
         """
-        mel = mel_codec_for(audio_tokenizer, sample_rate, audio_codec)
-        expected = tokenizer.frames * sample_rate / fps / mel.hop
-        if abs(audio_tokenizer.frames - expected) > audio_tokenizer.patch:
+        mel = (audio_codec or MelCodec()).at_rate(sample_rate, "model.audio_codec")
+        expected = tokenizer.frames * sample_rate / fps / mel.hop  # mel frames as long as the video
+        stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
+        if stated is not None and abs(stated - expected) > patch:
             raise ValueError(
-                f"audio_tokenizer.frames={audio_tokenizer.frames}: expected about {expected:.1f} mel frames, as long as "
-                f"tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, hop={mel.hop})"
+                f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} mel frames, as long as "
+                f"model.tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, "
+                f"hop={mel.hop}); leave it out: it is derived"
             )
+        audio_tok, mel = audio_stream(audio_tokenizer, mel, sample_rate, ("model.audio_tokenizer", "model.audio_codec"),
+                                      frames=stated or max(patch, round(expected / patch) * patch))
         super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
-        self.add_stream("audio", audio_tokenizer, mel)
+        self.add_stream("audio", audio_tok, mel, config_key="model.audio_tokenizer")
         self.fps, self.sample_rate = fps, sample_rate
 
     def audio_positions(self, pos: Tensor) -> Tensor:
