@@ -247,3 +247,29 @@ def test_a_contradicting_value_stops_the_run_with_one_line(stated: list[str], wo
                  "--data.train_shards", str(image_shards / "*.tar"), "--trainer.max_steps", "1", *stated])
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert code == 2 and len(err) == 1 and all(w in err[0] for w in words), err
+
+
+# ---------------------------------------------------------------- latent codecs: multiple = patch x codec factor
+
+
+def test_a_latent_codec_multiplies_the_pixel_multiple_and_the_token_cost(tmp_path: Path) -> None:
+    from diffusers import AutoencoderKL
+
+    from models.codecs.pretrained import PretrainedAutoencoder
+    from models.tokenizers.base import Strides
+
+    torch.manual_seed(0)
+    AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
+                  up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
+                  layers_per_block=1).save_pretrained(tmp_path / "kl")  # spatial factor 2
+    model = ImageFlow(tokenizer=ImagePatches(channels=4, size=8, patch=2), codec=PretrainedAutoencoder(str(tmp_path / "kl")),
+                      backbone=TINY_BACKBONE)
+    spec = model.media_spec()
+    assert (spec.size, spec.pixels.multiple) == (16, 4) and "spatial factor 2" in spec.sources["size"]
+    t = ImageTransform(keep_aspect=True)
+    t.follow(spec)
+    x = t({"png": np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8), "__key__": "k"})
+    assert t.multiple == 4 and t.cost(x) == (12 // 4) * (20 // 4) == model_tokens(model, x)
+    assert Strides.of(SimpleNamespace(hop=8, temporal_factor=4)) == Strides(spatial=1, temporal=4, hop=8)
+    one_line_error(lambda: ImageTransform(multiple=2, keep_aspect=True).follow(spec), "data.transform.multiple=2",
+                   "model.tokenizer.patch x the codec's spatial factor 2", "4")
