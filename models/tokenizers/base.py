@@ -37,13 +37,14 @@ class Strides:
                      (("spatial_factor", 1), ("temporal_factor", 1), ("hop", 1), ("extra_frames", 0))))
 
 
-def times(factor: int, what: str) -> str:
+def by_factor(factor: int, what: str) -> str:
+    """The text " x the codec's <what> factor f" for a MediaSpec source; empty when f = 1 (pixels)."""
     return f" x the codec's {what} factor {factor}" if factor != 1 else ""
 
 
 def pixel_media(size: int, patch: int, strides: Strides, key: str) -> dict[str, Any]:
     """MediaSpec fields of images or frames: side size x f pixels, patch x f pixels per token side (f: spatial factor)."""
-    f, by = strides.spatial, times(strides.spatial, "spatial")
+    f, by = strides.spatial, by_factor(strides.spatial, "spatial")
     return {"size": size * f, "pixels": TokenAxis(stride=f, patch=patch),
             "sources": {"size": f"{key}.size{by}", "multiple": f"{key}.patch{by}"}}
 

@@ -16,7 +16,7 @@ from einops import rearrange
 from torch import Tensor, nn
 
 from datamodules.media.spec import TokenAxis
-from models.tokenizers.base import Strides, Tokenizer, pixel_media, times
+from models.tokenizers.base import Strides, Tokenizer, by_factor, pixel_media
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class VideoPatches(Tokenizer):
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         s = Strides.of(codec)
         media = pixel_media(self.size, self.patch, s, key)
-        k, by = s.temporal, times(s.temporal, "temporal")
+        k, by = s.temporal, by_factor(s.temporal, "temporal")
         media["sources"].update(frames=f"{key}.frames{by}", frame_multiple=f"{key}.tpatch{by}")
         return {**media, "frames": self.frames * k, "time": TokenAxis(stride=k, patch=self.tpatch)}
 
