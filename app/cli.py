@@ -57,6 +57,19 @@ class DuoflowCLI(LightningCLI):
             lines = [ln for ln in str(e).splitlines() if ln.strip() and not ln.strip().startswith(noise)]
             raise UserError("\n  ".join(ln.strip() for ln in lines[:6])) from e
 
+    def instantiate_classes(self) -> None:
+        """A class that refuses its arguments (e.g. a stated value contradicting a derived one) ends in its own
+        one-line error, not in jsonargparse's report of every Union subtype it tried."""
+        try:
+            super().instantiate_classes()
+        except ValueError as e:
+            root: BaseException = e
+            while root.__cause__ is not None:
+                root = root.__cause__
+            if root is e or not isinstance(root, (ValueError, FileNotFoundError)):
+                raise
+            raise UserError(str(root)) from e
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="Run name; the run directory is <runs_dir>/<name> (default: the config file's name).")

@@ -26,6 +26,7 @@ import torchaudio.functional as AF
 from tqdm import tqdm
 
 from datamodules.decoders import BadSample
+from datamodules.media.spec import MediaSpec
 from datamodules.transforms import SampleTransform
 from datamodules.writers import ShardWriter, write_classes
 
@@ -229,19 +230,30 @@ class AudioTransform(SampleTransform):
 
     Args:
         sample_rate: Output sample rate; other rates are resampled (torchaudio, sinc interpolation).
+            None: the model's (8000 alone).
         max_seconds: Longer clips keep their first max_seconds.
         min_seconds: Shorter clips are skipped.
         audio_key: Comma-separated sample fields to look for, first match wins; each holds what
             ``decoders.decode_audio`` returns, ``((T, C) float32, sample_rate)``.
     """
 
-    def __init__(self, sample_rate: int = 8000, max_seconds: float = 10.0, min_seconds: float = 0.1, audio_key: str = "wav,flac"):
-        if sample_rate <= 0:
+    def __init__(self, sample_rate: int | None = None, max_seconds: float = 10.0, min_seconds: float = 0.1,
+                 audio_key: str = "wav,flac"):
+        if sample_rate is not None and sample_rate <= 0:
             raise ValueError(f"AudioTransform: sample_rate must be positive, got {sample_rate}")
         if not 0 <= min_seconds <= max_seconds:
             raise ValueError(f"AudioTransform: need 0 <= min_seconds <= max_seconds, got {min_seconds}, {max_seconds}")
-        self.sample_rate, self.max_seconds, self.min_seconds = sample_rate, max_seconds, min_seconds
+        self.stated = {"sample_rate": sample_rate}
+        self.max_seconds, self.min_seconds = max_seconds, min_seconds
         self.audio_keys = tuple(k.strip() for k in audio_key.split(",") if k.strip())
+        self.follow(MediaSpec())  # alone: one token per sample
+
+    def follow(self, spec: MediaSpec) -> None:
+        super().follow(spec)
+        self.sample_rate = self.option("sample_rate", self.stated["sample_rate"], spec.sample_rate, 8000)
+
+    def cost(self, sample: dict) -> int:
+        return self.spec.audio_tokens(len(sample["x"]))
 
     def __call__(self, decoded: dict) -> dict:
         field, value = self.first_present(decoded, self.audio_keys)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from datamodules.audio import AudioTransform, encode_wav
+from datamodules.media.spec import MediaSpec
 from datamodules.synthetic import COLOURS, SHAPES, render_shape
 from datamodules.transforms import SampleTransform
 from datamodules.video import VIDEO_SIZE, bounce
@@ -104,25 +105,39 @@ class AudioVideoTransform(SampleTransform):
     The video goes through ``VideoTransform`` (resize, crop, T a multiple of ``frame_multiple``);
     the audio through ``AudioTransform`` (mono, resampled), then cut or zero-padded to the kept
     frames' duration, so that sample ``round(k * sample_rate / fps)`` belongs to frame k.
+    A sample costs its video tokens plus its audio tokens.
 
     Args:
-        size: Output side in pixels.
+        size: Output side in pixels; None: the model's (16 alone).
         max_frames: Longest clip kept (in frames); later frames and their audio are dropped.
-        frame_multiple: Frame count granularity (the video tokenizer's ``tpatch``).
-        fps: Frame rate of the clips (the same for every clip of the data set).
-        sample_rate: Output audio sample rate.
+            None: the frames the model samples (16 alone).
+        frame_multiple: Frame count granularity; None: the model's (the video tokenizer's ``tpatch``; 1 alone).
+        fps: Frame rate of the clips (the same for every clip of the data set); None: the model's (8 alone).
+        sample_rate: Output audio sample rate; None: the model's (8000 alone).
     """
 
-    def __init__(self, size: int = 16, max_frames: int = 16, frame_multiple: int = 1, fps: int = FPS,
-                 sample_rate: int = SAMPLE_RATE, video_key: str = "npy,mp4", audio_key: str = "wav,flac"):
+    def __init__(self, size: int | None = None, max_frames: int | None = None, frame_multiple: int | None = None,
+                 fps: int | None = None, sample_rate: int | None = None, video_key: str = "npy,mp4",
+                 audio_key: str = "wav,flac"):
         from datamodules.video import VideoTransform
 
-        if fps <= 0:
+        if fps is not None and fps <= 0:
             raise ValueError(f"AudioVideoTransform: fps must be positive, got {fps}")
-        self.fps, self.sample_rate = fps, sample_rate
+        self.stated = {"fps": fps}
         self.video = VideoTransform(size=size, max_frames=max_frames, frame_multiple=frame_multiple, video_key=video_key)
-        self.audio = AudioTransform(sample_rate=sample_rate, max_seconds=max_frames / fps, min_seconds=0.0,
-                                    audio_key=audio_key)
+        self.audio = AudioTransform(sample_rate=sample_rate, min_seconds=0.0, audio_key=audio_key)
+        self.follow(self.video.spec)  # alone: the video's own numbers
+
+    def follow(self, spec: MediaSpec) -> None:
+        super().follow(spec)
+        self.video.follow(spec)
+        self.audio.follow(spec)
+        self.fps = self.option("fps", self.stated["fps"], spec.fps, FPS)
+        self.size, self.sample_rate = self.video.size, self.audio.sample_rate
+        self.audio.max_seconds = self.video.max_frames / self.fps  # the audio of the frames kept
+
+    def cost(self, sample: dict) -> int:
+        return self.video.cost(sample) + self.audio.cost({"x": sample["audio"]})
 
     def __call__(self, decoded: dict) -> dict:
         out = self.video(decoded)

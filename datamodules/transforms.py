@@ -5,6 +5,11 @@ A transform receives the output of ``decoders.decode_sample`` and returns a flat
 and ``"__key__"``. It raises ``BadSample`` for samples it cannot use; the pipeline skips them.
 A new modality is a new ``SampleTransform`` subclass (video, audio, shape latents), never a
 branch inside an existing one.
+
+Sizes, multiples and rates the model also needs default to None = "from the model": the
+transform ``follow``s the generator's ``MediaSpec`` (``ShardDataModule.setup``, the evaluators),
+so a config states them once, in the model. A transform used alone (tests, tools) follows a spec
+made of its own arguments, with the documented defaults for the rest.
 """
 
 from __future__ import annotations
@@ -18,23 +23,35 @@ import torch
 import torch.nn.functional as F
 
 from datamodules.decoders import IMAGE_EXTENSIONS, BadSample
+from datamodules.media.spec import MediaSpec, TokenAxis, agree, agree_multiple
 
 log = logging.getLogger("duoflow.data")
 
 
 class SampleTransform:
-    """Base: ``__call__(decoded) -> dict``; shared helpers for keys, labels and captions."""
+    """Base: ``__call__(decoded) -> dict``, ``cost(sample)`` in tokens, ``follow(spec)``; helpers for keys, labels, captions."""
+
+    spec: MediaSpec = MediaSpec()
+    """The media spec followed last (the model's, or one made of the transform's own arguments)."""
 
     def __call__(self, decoded: dict) -> dict:
         raise NotImplementedError
 
     def cost(self, sample: dict) -> int:
-        """Size of a transformed sample in the units of ``ShardDataModule.batch_budget``.
+        """Tokens the model makes of a transformed sample (the unit of ``ShardDataModule.batch_budget``)."""
+        raise NotImplementedError(f"{type(self).__name__}.cost: expected the sample's token count")
 
-        Default: values per channel of ``x`` (pixels of an image, samples of a waveform);
-        transforms that know the patch size return tokens."""
-        x = sample["x"]
-        return int(x[0].numel()) if x.ndim > 1 else int(x.numel())
+    def follow(self, spec: MediaSpec) -> None:
+        """Take the generator's media spec: options the config left unset (None) follow it, stated ones are checked."""
+        self.spec = spec
+
+    def option(self, name: str, stated: int | None, derived: int | None, default: int, multiple: bool = False) -> int:
+        """Option ``name``: the stated value, checked against the model's (``derived``, None: the model has none),
+        else the model's, else ``default``. ``multiple``: a multiple of the model's value is no contradiction."""
+        if derived is None:
+            return default if stated is None else stated
+        check = agree_multiple if multiple else agree
+        return check(f"data.transform.{name}", stated, derived, self.spec.source(name))
 
     @staticmethod
     def where(decoded: dict) -> str:
@@ -69,10 +86,12 @@ class ImageTransform(SampleTransform):
     token counts (packed by the generator, see models/tokens.py).
 
     Args:
-        size: Output side in pixels (keep_aspect: the side of the square of the largest area kept).
+        size: Output side in pixels (keep_aspect: the side of the square of the largest area kept);
+            None: the model's (32 alone).
         random_flip: Flip horizontally with probability 1/2.
         keep_aspect: Keep each image's aspect ratio (no crop) instead of centre-cropping a square.
-        multiple: With keep_aspect, round each side to a multiple of this (set it to the patch size).
+        multiple: With keep_aspect, round each side to a multiple of this; None: the model's
+            (patch x the codec's spatial factor; 1 alone).
         max_aspect: With keep_aspect, wider (or taller) images than this ratio are centre-cropped to
             it (counted in the warning log), so token counts stay bounded.
         image_key: Comma-separated sample fields to look for, first match wins. Fields may hold
@@ -82,26 +101,33 @@ class ImageTransform(SampleTransform):
 
     def __init__(
         self,
-        size: int = 32,
+        size: int | None = None,
         random_flip: bool = False,
         image_key: str = ",".join(IMAGE_EXTENSIONS),
         keep_aspect: bool = False,
-        multiple: int = 1,
+        multiple: int | None = None,
         max_aspect: float = 4.0,
     ):
-        if size <= 0 or multiple <= 0 or max_aspect < 1:
+        if (size is not None and size <= 0) or (multiple is not None and multiple <= 0) or max_aspect < 1:
             raise ValueError(
                 f"ImageTransform: need size > 0, multiple > 0, max_aspect >= 1; got {size}, {multiple}, {max_aspect}"
             )
-        self.size = size
+        self.stated = {"size": size, "multiple": multiple}
         self.random_flip = random_flip
         self.image_keys = tuple(k.strip() for k in image_key.split(",") if k.strip())
-        self.keep_aspect, self.multiple, self.max_aspect = keep_aspect, multiple, max_aspect
+        self.keep_aspect, self.max_aspect = keep_aspect, max_aspect
+        self.follow(MediaSpec(pixels=TokenAxis(patch=multiple or 1)))  # alone: tokens at patch = multiple
+
+    def follow(self, spec: MediaSpec) -> None:
+        super().follow(spec)
+        self.size = self.option("size", self.stated["size"], spec.size, 32)
+        # only keep_aspect rounds to it: without, a stated value is unused (older run configs state 1)
+        derived = spec.pixels.multiple if self.keep_aspect else None
+        self.multiple = self.option("multiple", self.stated["multiple"], derived, spec.pixels.multiple, multiple=True)
 
     def cost(self, sample: dict) -> int:
-        """Tokens of the image when ``multiple`` is the patch size."""
         _, h, w = sample["x"].shape
-        return (h // self.multiple) * (w // self.multiple)
+        return self.spec.image_tokens(h, w)
 
     def aspect_size(self, height: int, width: int) -> tuple[int, int]:
         """(h, w): at most about size^2 pixels at the image's aspect ratio (capped at max_aspect), sides multiples of `multiple`."""

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from datamodules.decoders import BadSample
+from datamodules.media.spec import MediaSpec, TokenAxis
 from datamodules.synthetic import COLOURS, SHAPES, render_shape
 from datamodules.transforms import ImageTransform, SampleTransform
 
@@ -106,27 +107,40 @@ class VideoTransform(SampleTransform):
     is a BadSample (counted and skipped by the pipeline like any other).
 
     Args:
-        size: Output side in pixels.
-        max_frames: Longest clip kept; later frames are dropped.
-        frame_multiple: Frame count granularity, the tokenizer's ``tpatch`` (or the codec's
-            temporal stride times it).
+        size: Output side in pixels; None: the model's (16 alone).
+        max_frames: Longest clip kept; later frames are dropped. None: the frames the model
+            samples (16 alone).
+        frame_multiple: Frame count granularity; None: the model's (tpatch x the codec's temporal
+            factor; 1 alone).
         video_key: Comma-separated sample fields to look for, first match wins: uint8
             (T, H, W, 3) clips (``npy``, or ``mp4`` decoded), or float ``npy`` in [0, 1].
     """
 
-    def __init__(self, size: int = 16, max_frames: int = 16, frame_multiple: int = 1, video_key: str = "npy,mp4"):
-        if size <= 0 or max_frames <= 0 or frame_multiple <= 0:
+    def __init__(self, size: int | None = None, max_frames: int | None = None, frame_multiple: int | None = None,
+                 video_key: str = "npy,mp4"):
+        if any(v is not None and v <= 0 for v in (size, max_frames, frame_multiple)):
             raise ValueError(
                 "VideoTransform: size, max_frames and frame_multiple must be positive, "
                 f"got {size}, {max_frames}, {frame_multiple}"
             )
-        if max_frames < frame_multiple:
-            raise ValueError(f"VideoTransform: max_frames={max_frames} must be at least frame_multiple={frame_multiple}")
-        self.size = size
-        self.max_frames = max_frames
-        self.frame_multiple = frame_multiple
+        self.stated = {"size": size, "max_frames": max_frames, "frame_multiple": frame_multiple}
         self.video_keys = tuple(k.strip() for k in video_key.split(",") if k.strip())
-        self.frame_transform = ImageTransform(size=size)  # owns the per-frame resize and crop
+        self.follow(MediaSpec(time=TokenAxis(patch=frame_multiple or 1)))  # alone: tokens at tpatch = frame_multiple
+
+    def follow(self, spec: MediaSpec) -> None:
+        super().follow(spec)
+        self.size = self.option("size", self.stated["size"], spec.size, 16)
+        self.frame_transform = ImageTransform(size=self.size)  # owns the per-frame resize and crop
+        self.frame_multiple = self.option("frame_multiple", self.stated["frame_multiple"], spec.time.multiple, 1,
+                                          multiple=True)
+        stated = self.stated["max_frames"]
+        self.max_frames = stated if stated is not None else spec.frames or 16  # a data choice: never a contradiction
+        if self.max_frames < self.frame_multiple:
+            raise ValueError(f"VideoTransform: max_frames={self.max_frames} must be at least frame_multiple={self.frame_multiple}")
+
+    def cost(self, sample: dict) -> int:
+        _, t, h, w = sample["x"].shape
+        return self.spec.video_tokens(t, h, w)
 
     def __call__(self, decoded: dict) -> dict:
         field, clip = self.first_present(decoded, self.video_keys)
@@ -141,4 +155,3 @@ class VideoTransform(SampleTransform):
         x = ImageTransform.to_tensor(clip[:frames].reshape(t * h, w, 3), where)  # (3, T*H, W); checks dtype, NaN, range
         x = self.frame_transform.resize_crop(x.reshape(3 * t, h, w))  # frames ride along as channels
         return {"x": x.reshape(3, t, self.size, self.size).contiguous(), **self.conditioning(decoded)}
-

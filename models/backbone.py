@@ -11,13 +11,14 @@ C model dim, D head dim, A position axes.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from datamodules.media.spec import agree
 from models.attention import BACKENDS
 from models.blocks import DualStreamBlock, Rope, SingleStreamBlock, TimestepEmbedder, modulate
 from models.packing import Layout
@@ -36,12 +37,14 @@ class MMDiTConfig:
     """Number of single-stream blocks (shared weights over the joined streams)."""
     mlp_ratio: float = 4.0
     """MLP hidden width as a multiple of dim."""
-    streams: int = 2
-    """Streams in the dual-stream blocks, e.g. [x, ctx] = 2, [video, audio, ctx] = 3."""
-    out_streams: int = 1
-    """The first out_streams streams are returned (the generated ones)."""
-    rope_axes: int = 2
-    """Position axes of RoPE (1 audio, 2 image, 3 video); positions are given as (B, N, rope_axes)."""
+    streams: int | None = None
+    """Streams in the dual-stream blocks, e.g. [x, ctx] = 2, [video, audio, ctx] = 3. None: set by the
+    generator (its generated streams + the context); an MMDiT built alone needs it set."""
+    out_streams: int | None = None
+    """The first out_streams streams are returned (the generated ones). None: set by the generator."""
+    rope_axes: int | None = None
+    """Position axes of RoPE (1 audio, 2 image, 3 video); positions are given as (B, N, rope_axes).
+    None: set by the generator from its tokenizer."""
     rope_theta: float = 10000.0
     """RoPE base frequency."""
     qk_norm: bool = True
@@ -63,7 +66,7 @@ class MMDiTConfig:
             raise bad("heads", f"a positive divisor of dim={self.dim}")
         if self.head_dim % 2:
             raise bad("heads", f"a value giving an even head dim (dim/heads = {self.head_dim})")
-        if self.rope_axes < 1 or self.head_dim // 2 < self.rope_axes:
+        if self.rope_axes is not None and not 1 <= self.rope_axes <= self.head_dim // 2:
             raise bad("rope_axes", f"between 1 and head_dim/2 = {self.head_dim // 2}")
         if self.depth_dual < 0:
             raise bad("depth_dual", ">= 0")
@@ -71,12 +74,25 @@ class MMDiTConfig:
             raise bad("depth_single", ">= 0")
         if self.mlp_ratio <= 0:
             raise bad("mlp_ratio", "> 0")
-        if self.streams < 1:
+        if self.streams is not None and self.streams < 1:
             raise bad("streams", ">= 1")
-        if not 1 <= self.out_streams <= self.streams:
+        if self.out_streams is not None and not 1 <= self.out_streams <= (self.streams or self.out_streams):
             raise bad("out_streams", f"between 1 and streams={self.streams}")
         if self.attn_backend not in BACKENDS:
             raise bad("attn_backend", f"one of {', '.join(BACKENDS)}")
+
+    def derive(self, owner: str, generated: int, rope_axes: int) -> MMDiTConfig:
+        """This config with what a generator derives: streams = its ``generated`` streams + the context,
+        out_streams = ``generated``, and the RoPE axes of its tokenizer (0, a set without positions: any
+        valid value, 1 when unset). A stated value that contradicts is one ValueError line."""
+        why = f"{owner}'s {generated} generated stream{'s' if generated > 1 else ''} + the context"
+        return replace(
+            self,
+            streams=agree("model.backbone.streams", self.streams, generated + 1, why),
+            out_streams=agree("model.backbone.out_streams", self.out_streams, generated, f"{owner}'s generated streams"),
+            rope_axes=(self.rope_axes or 1) if rope_axes == 0 else
+            agree("model.backbone.rope_axes", self.rope_axes, rope_axes, f"the position axes of {owner}'s tokenizer"),
+        )
 
     @property
     def head_dim(self) -> int:

@@ -24,6 +24,7 @@ from datamodules.media import audio as media_audio
 from datamodules.media import image as image_media
 from datamodules.media import video as media
 from datamodules.media.mesh import save_meshes
+from datamodules.media.spec import MediaSpec, agree
 from models import flow
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
@@ -52,6 +53,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
     media_suffix: ClassVar[str] = ".pt"
     num_generated: ClassVar[int] = 1
     """Generated streams; the backbone has one more (the context)."""
+    fps: int | None = None
+    """Frame rate of the media (video generators set it)."""
     sample_rate: int | None = None
     """Audio rate of the generated media (audio generators), for writers and the tracker's audio panel."""
     codec_hparams: ClassVar[tuple[str, ...]] = ("codec",)
@@ -73,7 +76,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
         """
         Args:
             tokenizer: Patchify/unpatchify of the modality's latent (its positions feed RoPE).
-            backbone: The MM-DiT; `streams` = generated streams + 1 (the context), `out_streams` = generated ones.
+            backbone: The MM-DiT; its `streams` (generated + the context), `out_streams` (generated) and
+                `rope_axes` (the tokenizer's) are derived here: leave them out.
             conditioning: What the model is conditioned on (ClassLabel, ByteText, Unconditional).
             codec: First stage (encode data to the latent the flow runs in); None = identity (pixels).
             timesteps: Training-time t distribution (LogitNormalT, UniformT, ModeT, UShapedT).
@@ -87,17 +91,18 @@ class FlowMatchingModule(RunState, L.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         self.automatic_optimization = False  # we decide per step whether to apply it (non-finite guard)
-        self.cfg = backbone
+        self.cfg = backbone.derive(type(self).__name__, self.num_generated, tokenizer.rope_axes)
         self.timesteps = timesteps
         self.sampler = sampler
         self.shift = shift
         self.cond_drop = cond_drop
         self.cfg_scale = cfg_scale
         self.optim = optim
-        self.check_streams(backbone)
-        self.cond = conditioning.build(backbone.dim)
-        self.backbone = MMDiT(backbone)
+        self.cond = conditioning.build(self.cfg.dim)
+        self.backbone = MMDiT(self.cfg)
         self.keys: list[str] = []
+        self.tokenizer_keys: list[str] = []
+        """Config key of each stream's tokenizer (for the media spec's error messages)."""
         self.tokenizers: list[Tokenizer] = []
         self.codecs = nn.ModuleList()
         self.x_in = nn.ModuleList()
@@ -107,9 +112,11 @@ class FlowMatchingModule(RunState, L.LightningModule):
         self.last_lengths: list[int] = []
         """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
-    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None) -> None:
+    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None,
+                   config_key: str = "model.tokenizer") -> None:
         """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections."""
         self.keys.append(key)
+        self.tokenizer_keys.append(config_key)
         self.tokenizers.append(tokenizer)
         self.codecs.append(codec if codec is not None else Identity())
         self.x_in.append(nn.Linear(tokenizer.token_dim, self.cfg.dim))
@@ -126,13 +133,18 @@ class FlowMatchingModule(RunState, L.LightningModule):
     def codec(self) -> nn.Module:
         return self.codecs[0]
 
-    def check_streams(self, cfg: MMDiTConfig) -> None:
-        n = self.num_generated
-        if cfg.streams != n + 1 or cfg.out_streams != n:
-            raise ValueError(
-                f"model.backbone.streams={cfg.streams}, out_streams={cfg.out_streams}: "
-                f"{type(self).__name__} needs streams={n + 1} and out_streams={n} ({n} generated + the context)"
-            )
+    def media_spec(self) -> MediaSpec:
+        """What this generator's media look like (sides, multiples, frames, rates) and what a token spans.
+
+        The data transform follows it (ShardDataModule.setup, the evaluators), so a config states
+        these values once, in the model; each stream's tokenizer and codec give their part."""
+        fields: dict[str, Any] = {"fps": self.fps, "sample_rate": self.sample_rate}
+        sources = {"fps": "model.fps", "sample_rate": "model.sample_rate"}
+        for tok, codec, key in zip(self.tokenizers, self.codecs, self.tokenizer_keys):
+            part = tok.media(codec, key)
+            sources.update(part.pop("sources", {}))
+            fields.update(part)
+        return MediaSpec(**fields, sources=sources)
 
     # ---- the model -------------------------------------------------------------------
 
@@ -354,15 +366,17 @@ class VideoFlow(FlowMatchingModule):
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
 
 
-def mel_codec_for(tokenizer: AudioFrames, sample_rate: int, codec: MelCodec | None) -> MelCodec:
-    """The audio stream's codec: ``codec``, or MelCodec's defaults at ``sample_rate``; checked against both."""
-    mel = MelCodec(sample_rate=sample_rate, n_mels=tokenizer.channels) if codec is None else codec
-    if mel.sample_rate != sample_rate or mel.n_mels != tokenizer.channels:
-        raise ValueError(
-            f"codec: sample_rate={mel.sample_rate}, n_mels={mel.n_mels}; expected the model's sample_rate={sample_rate} "
-            f"and n_mels = tokenizer channels={tokenizer.channels}"
-        )
-    return mel
+def audio_stream(tokenizer: AudioFrames, codec: MelCodec | None, sample_rate: int, keys: tuple[str, str],
+                 frames: int | None = None) -> tuple[AudioFrames, MelCodec]:
+    """An audio stream's codec at the model's ``sample_rate`` (MelCodec's defaults when None) and its tokenizer
+    with channels = the codec's n_mels and ``frames`` (None: the tokenizer's, else its default).
+
+    ``keys``: the tokenizer's and the codec's config keys. Each value is stated once: a stated one
+    that contradicts the model's is one ValueError line naming both."""
+    tok_key, codec_key = keys
+    mel = (codec or MelCodec()).at_rate(sample_rate, codec_key)
+    channels = agree(f"{tok_key}.channels", tokenizer.channels, mel.n_mels, f"the codec's n_mels ({codec_key}.n_mels)")
+    return replace(tokenizer, channels=channels, frames=frames or tokenizer.frames or tokenizer.default_frames), mel
 
 
 class AudioFlow(FlowMatchingModule):
@@ -375,20 +389,19 @@ class AudioFlow(FlowMatchingModule):
         self,
         tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
-        backbone: MMDiTConfig = MMDiTConfig(rope_axes=1),
         sample_rate: int = 8000,
         codec: MelCodec | None = None,
         **kwargs: Any,
     ):
         """
         Args:
-            backbone: The MM-DiT, with one RoPE axis (time).
-            sample_rate: Rate of the training audio (set data.transform.sample_rate to the same) and of the WAVs.
-            codec: Log-mel codec; None = MelCodec defaults at sample_rate with n_mels = tokenizer.channels.
+            tokenizer: Mel-frame patches; its channels follow the codec's n_mels.
+            sample_rate: Rate of the training audio (the data transform follows it) and of the WAVs.
+            codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
             Other arguments as FlowMatchingModule.
         """
-        mel = mel_codec_for(tokenizer, sample_rate, codec)
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, codec=mel, **kwargs)
+        tok, mel = audio_stream(tokenizer, codec, sample_rate, ("model.tokenizer", "model.codec"))
+        super().__init__(tokenizer=tok, conditioning=conditioning, codec=mel, **kwargs)
         self.sample_rate = sample_rate  # also read by log_media for the W&B audio panel
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
@@ -411,7 +424,6 @@ class AudioVideoFlow(FlowMatchingModule):
         tokenizer: VideoPatches = VideoPatches(),
         audio_tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
-        backbone: MMDiTConfig = MMDiTConfig(streams=3, out_streams=2, rope_axes=3),
         fps: int = 8,
         sample_rate: int = 8000,
         audio_codec: MelCodec | None = None,
@@ -419,23 +431,27 @@ class AudioVideoFlow(FlowMatchingModule):
     ):
         """
         Args:
-            tokenizer: Video patches (3-D RoPE: t, row, col).
-            audio_tokenizer: Mel-frame patches; its `frames` must last as long as the video's `frames`.
-            backbone: The MM-DiT: streams=3 (video, audio, context), out_streams=2, rope_axes=3.
-            fps: Frame rate of the data and of the written MP4s.
-            sample_rate: Audio rate of the data (data.transform.sample_rate) and of the MP4 soundtracks.
-            audio_codec: Log-mel codec; None = MelCodec defaults at sample_rate, n_mels = audio_tokenizer.channels.
+            tokenizer: Video patches (3-D RoPE: t, row, col; the backbone's rope_axes follow it).
+            audio_tokenizer: Mel-frame patches; channels follow the codec's n_mels and `frames` the video's
+                duration (tokenizer.frames / fps seconds): leave both out.
+            fps: Frame rate of the data (the data transform follows it) and of the written MP4s.
+            sample_rate: Audio rate of the data (the data transform follows it) and of the MP4 soundtracks.
+            audio_codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
             Other arguments as FlowMatchingModule.
         """
-        mel = mel_codec_for(audio_tokenizer, sample_rate, audio_codec)
-        expected = tokenizer.frames * sample_rate / fps / mel.hop
-        if abs(audio_tokenizer.frames - expected) > audio_tokenizer.patch:
+        mel = (audio_codec or MelCodec()).at_rate(sample_rate, "model.audio_codec")
+        expected = tokenizer.frames * sample_rate / fps / mel.hop  # mel frames as long as the video
+        stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
+        if stated is not None and abs(stated - expected) > patch:
             raise ValueError(
-                f"audio_tokenizer.frames={audio_tokenizer.frames}: expected about {expected:.1f} mel frames, as long as "
-                f"tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, hop={mel.hop})"
+                f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} mel frames, as long as "
+                f"model.tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, "
+                f"hop={mel.hop}); leave it out: it is derived"
             )
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, backbone=backbone, **kwargs)
-        self.add_stream("audio", audio_tokenizer, mel)
+        audio_tok, mel = audio_stream(audio_tokenizer, mel, sample_rate, ("model.audio_tokenizer", "model.audio_codec"),
+                                      frames=stated or max(patch, round(expected / patch) * patch))
+        super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
+        self.add_stream("audio", audio_tok, mel, config_key="model.audio_tokenizer")
         self.fps, self.sample_rate = fps, sample_rate
 
     def audio_positions(self, pos: Tensor) -> Tensor:

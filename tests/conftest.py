@@ -14,7 +14,7 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/image/tiny.yaml")
 # the tiny image config shrunk so a training step takes milliseconds
 SMALL = [
-    "--model.init_args.tokenizer.size", "16", "--data.transform.init_args.size", "16",
+    "--model.init_args.tokenizer.size", "16",  # the data transform follows the model
     "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
     "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
     "--data.batch_size", "8", "--data.num_workers", "0", "--trainer.enable_progress_bar", "false",

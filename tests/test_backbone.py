@@ -9,7 +9,8 @@ from torch import nn
 from models.backbone import MMDiT, MMDiTConfig
 from models.packing import Layout
 
-SMALL = dict(dim=32, heads=4, depth_dual=2, depth_single=1, attn_backend="sdpa")  # head dim 8
+SMALL = dict(dim=32, heads=4, depth_dual=2, depth_single=1, attn_backend="sdpa",  # head dim 8
+             streams=2, out_streams=1, rope_axes=2)  # an MMDiT alone states what a generator derives
 AXES = (1, 2, 3)
 
 

@@ -42,7 +42,8 @@ def test_blocks_compile_as_one_graph_on_regular_and_packed_batches() -> None:
 
 @pytest.mark.slow  # inductor compiles for ~100 s on the 2-core CI machine
 def test_compiled_blocks_match_eager_and_keep_state_dict_keys() -> None:
-    cfg = MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, attn_backend="sdpa")
+    cfg = MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, attn_backend="sdpa", streams=2, out_streams=1,
+                      rope_axes=2)
     torch.manual_seed(0)
     eager = MMDiT(cfg)
     compiled = MMDiT(dataclasses.replace(cfg, compile=True))

@@ -52,7 +52,6 @@ def small_config(tmp_path: Path, shards: Path, name: str, recorder: bool = True)
     model["backbone"].update(dim=32, heads=2, depth_dual=1, depth_single=1)
     model["optim"]["warmup_steps"] = 5
     cfg["data"].update(train_shards=str(shards / "*.tar"), batch_size=8, num_workers=0, shuffle_buffer=16)
-    cfg["data"]["transform"]["init_args"]["size"] = 16
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
     return path

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, TypeVar
 
 import torch
 from torch import Tensor
@@ -26,6 +26,8 @@ from app.evaluation.metrics import accuracy, frechet_from_features, knn_precisio
 from datamodules.shards import expand_shards
 from datamodules.transforms import SampleTransform
 from datamodules.writers import CLASSES_NAME
+
+T = TypeVar("T", bound=SampleTransform)
 
 
 class Evaluator:
@@ -57,6 +59,12 @@ class Evaluator:
         """How real samples are read from shards, matching the generator's output media."""
         raise NotImplementedError
 
+    def following_model(self, transform: T) -> T:
+        """``transform`` with the options it leaves unset taken from the generator, as in training
+        (``ShardDataModule.setup``): the generator's sizes, multiples and rates."""
+        transform.follow(self.model.media_spec())
+        return transform
+
     def as_generated(self, held_out: dict[str, Any]) -> Any:
         """Real samples in the form `generate` returns (for the real reference and the perfect-generator check)."""
         return held_out["x"]
@@ -78,7 +86,7 @@ class Evaluator:
         from its file), on the evaluator's device; `transform` reads the training samples."""
 
         return feature_net_for(self.train_shards, num_classes_of(self.train_shards, self.model),
-                               int(self.model.tokenizer.size), steps=self.feature_steps, seed=self.seed,
+                               int(self.model.media_spec().size), steps=self.feature_steps, seed=self.seed,
                                path=self.feature_net, device=self.device, progress=self.progress,
                                transform=transform).to(self.device)
 

@@ -53,11 +53,11 @@ class ImageEvaluator(FeatureEvaluator):
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.size = int(self.model.tokenizer.size)
+        self.size = int(self.model.media_spec().size)
         self.net = self.train_feature_net()
 
     def transform(self) -> SampleTransform:
-        return ImageTransform(size=self.size)
+        return self.following_model(ImageTransform())
 
     def embed(self, media: Tensor) -> tuple[Tensor, Tensor]:
         x = media.float().clamp(-1.0, 1.0)  # what a saved image shows; an untrained model's noise goes past +-1
@@ -111,9 +111,7 @@ class VideoEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-
-        tok = self.model.tokenizer
-        return VideoTransform(size=tok.size, max_frames=tok.frames, frame_multiple=tok.tpatch)
+        return self.following_model(VideoTransform())  # clips as long as the model samples
 
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
@@ -180,8 +178,7 @@ class AudioEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-
-        return AudioTransform(sample_rate=self.model.sample_rate, max_seconds=60.0, min_seconds=0.0)
+        return self.following_model(AudioTransform(max_seconds=60.0, min_seconds=0.0))
 
     def check(self, waves: Any, labels: list[int]) -> dict[str, float]:
 
@@ -288,10 +285,7 @@ class SyncEvaluator(CheckerEvaluator):
     }
 
     def transform(self) -> SampleTransform:
-
-        tok = self.model.tokenizer
-        return AudioVideoTransform(size=tok.size, max_frames=4096, frame_multiple=tok.tpatch, fps=self.model.fps,
-                                   sample_rate=self.model.sample_rate)
+        return self.following_model(AudioVideoTransform(max_frames=4096))
 
     def as_generated(self, held_out: dict[str, Any]) -> Any:
         return held_out["x"], held_out["audio"]

@@ -20,17 +20,21 @@ decoded clip is the input rounded down to a whole hop.
 from __future__ import annotations
 
 import math
+from typing import ClassVar
 
 import torch
 import torchaudio.functional as AF
 from torch import Tensor, nn
+
+from datamodules.media.spec import agree
 
 
 class MelCodec(nn.Module):
     """Waveform (B, S) in [-1, 1] <-> normalised log-mel (B, M, F); buffers only, none saved.
 
     Args:
-        sample_rate: Sample rate of the waveforms (Hz).
+        sample_rate: Sample rate of the waveforms (Hz); None: the generator's ``sample_rate`` (8000
+            alone). Stated, it must equal the generator's.
         n_fft: STFT size (window length); its frequency resolution is sample_rate / n_fft.
         hop: STFT hop in samples (one latent frame).
         n_mels: Mel bins (the latent's channels).
@@ -40,9 +44,12 @@ class MelCodec(nn.Module):
             (0 = torchaudio's InverseMelScale solution as is).
     """
 
+    extra_frames: ClassVar[int] = 1
+    """Latent frames beyond samples // hop (``center=True``: F = S // hop + 1), for the token count of a clip."""
+
     def __init__(
         self,
-        sample_rate: int = 8000,
+        sample_rate: int | None = None,
         n_fft: int = 512,
         hop: int = 128,
         n_mels: int = 40,
@@ -55,6 +62,8 @@ class MelCodec(nn.Module):
             raise ValueError(f"MelCodec: hop={hop} must be in (0, n_fft={n_fft}]")
         if not 0 < log_floor < 1:
             raise ValueError(f"MelCodec: log_floor={log_floor} must be in (0, 1)")
+        self.stated_sample_rate = sample_rate
+        sample_rate = sample_rate or 8000
         self.sample_rate, self.n_fft, self.hop, self.n_mels = sample_rate, n_fft, hop, n_mels
         self.griffin_lim_iters, self.inverse_iters = griffin_lim_iters, inverse_iters
         self.log_floor = log_floor
@@ -66,9 +75,18 @@ class MelCodec(nn.Module):
         self.register_buffer("fbank_pinv", torch.linalg.pinv(fbank.T.double()).float(), persistent=False)  # (K, M)
         self.magnitude_scale = 2.0 / float(window.sum())
 
+    def at_rate(self, sample_rate: int, key: str) -> MelCodec:
+        """This codec at the generator's ``sample_rate`` (rebuilt when its own was left unset); a stated
+        rate must equal it. ``key``: the codec's config key, for the error."""
+        agree(f"{key}.sample_rate", self.stated_sample_rate, sample_rate, "the model's sample_rate (model.sample_rate)")
+        if sample_rate == self.sample_rate:
+            return self
+        return MelCodec(sample_rate, self.n_fft, self.hop, self.n_mels, self.griffin_lim_iters, self.log_floor,
+                        self.inverse_iters)
+
     def frames(self, samples: int) -> int:
         """Latent frames F for a clip of ``samples`` samples."""
-        return samples // self.hop + 1
+        return samples // self.hop + self.extra_frames
 
     def samples(self, frames: int) -> int:
         """Samples that ``decode`` returns for ``frames`` latent frames."""

@@ -8,39 +8,49 @@ for packed variable-length batches; ``frames`` is only the default length to sam
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.tokenizers.base import Tokenizer
+from datamodules.media.spec import TokenAxis
+from models.tokenizers.base import Strides, Tokenizer
 
 
 @dataclass(frozen=True)
 class AudioFrames(Tokenizer):
-    channels: int = 40
-    """Channels of the latent (mel bins of the codec)."""
-    frames: int = 64
-    """Latent frames that samples are generated at by default."""
+    channels: int | None = None
+    """Channels of the latent; None: the codec's (its mel bins), set by the generator."""
+    frames: int | None = None
+    """Latent frames that samples are generated at by default; None: 64 (AudioFlow), or as long as
+    the video (AudioVideoFlow), set by the generator."""
     patch: int = 2
     """Frames per token; each token holds channels * patch values."""
 
+    default_frames: ClassVar[int] = 64
+
     def __post_init__(self) -> None:
-        if self.frames % self.patch:
+        if self.frames is not None and self.frames % self.patch:
             raise ValueError(f"AudioFrames: frames={self.frames} must be a multiple of patch={self.patch}")
 
     @property
     def token_dim(self) -> int:
+        if self.channels is None:
+            raise ValueError("AudioFrames.channels is unset; expected the generator to set it to its codec's n_mels")
         return self.channels * self.patch
 
     rope_axes: ClassVar[int] = 1
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.frames)
+        return (self.channels, self.frames or self.default_frames)
 
     def num_tokens(self, frames: int | None = None) -> int:
-        return (frames or self.frames) // self.patch
+        return (frames or self.frames or self.default_frames) // self.patch
+
+    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+        s = Strides.of(codec)
+        return {"samples": TokenAxis(stride=s.hop, patch=self.patch, extra=s.extra_frames)}
 
     def positions(self, frames: int, device: torch.device | None = None) -> Tensor:
         """(N, 1) token index along time."""

@@ -1,4 +1,4 @@
-"""What a tokenizer is: a parameter-free map between a modality's latent tensor and tokens.
+"""What a tokenizer is: a parameter-free map between a modality's latent tensor and tokens, and the media it implies.
 
 Letters: B batch, C channels, N tokens, P values per token, A position axes.
 A modality differs from another only by its tokenizer, its codec and its config; the
@@ -7,7 +7,46 @@ backbone and the trainer are shared.
 
 from __future__ import annotations
 
-from torch import Tensor
+from dataclasses import dataclass
+from typing import Any
+
+from torch import Tensor, nn
+
+from datamodules.media.spec import TokenAxis
+
+
+@dataclass(frozen=True)
+class Strides:
+    """Media steps per latent step of a first stage (codec), as a tokenizer needs them to describe its media.
+
+    Read from the codec's ``spatial_factor``, ``temporal_factor``, ``hop`` and ``extra_frames``
+    (PretrainedAutoencoder, MelCodec); a codec without them is 1 (0 extra frames): pixels, waveforms, sets."""
+
+    spatial: int = 1
+    """Pixels per latent pixel along H and W."""
+    temporal: int = 1
+    """Frames per latent frame."""
+    hop: int = 1
+    """Audio samples per latent frame."""
+    extra_frames: int = 0
+    """Latent frames beyond samples // hop (a centred STFT adds one)."""
+
+    @classmethod
+    def of(cls, codec: nn.Module | None) -> Strides:
+        return cls(*(int(getattr(codec, name, default)) for name, default in
+                     (("spatial_factor", 1), ("temporal_factor", 1), ("hop", 1), ("extra_frames", 0))))
+
+
+def by_factor(factor: int, what: str) -> str:
+    """The text " x the codec's <what> factor f" for a MediaSpec source; empty when f = 1 (pixels)."""
+    return f" x the codec's {what} factor {factor}" if factor != 1 else ""
+
+
+def pixel_media(size: int, patch: int, strides: Strides, key: str) -> dict[str, Any]:
+    """MediaSpec fields of images or frames: side size x f pixels, patch x f pixels per token side (f: spatial factor)."""
+    f, by = strides.spatial, by_factor(strides.spatial, "spatial")
+    return {"size": size * f, "pixels": TokenAxis(stride=f, patch=patch),
+            "sources": {"size": f"{key}.size{by}", "multiple": f"{key}.patch{by}"}}
 
 
 class Tokenizer:
@@ -21,6 +60,12 @@ class Tokenizer:
     def latent_shape(self) -> tuple[int, ...]:
         """Shape of one sample's latent, without the batch dim (what sampling starts from)."""
         raise NotImplementedError
+
+    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+        """This stream's part of the generator's MediaSpec (datamodules/media/spec.py): its fields, plus
+        ``sources`` (field -> config key) for error messages; ``key`` is this tokenizer's config key.
+        Default: nothing (a latent set costs one token per latent and has no media sizes)."""
+        return {}
 
     def crop(self, latent: Tensor) -> Tensor:
         """(..., *latent) trimmed to whole patches where a codec's output need not be (default: as is)."""

@@ -6,13 +6,13 @@ Letters: B batch, C channels, H/W height/width, p patch size, N = (H/p)(W/p) tok
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.tokenizers.base import Tokenizer
+from models.tokenizers.base import Strides, Tokenizer, pixel_media
 
 
 @dataclass(frozen=True)
@@ -36,6 +36,9 @@ class ImagePatches(Tokenizer):
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.channels, self.size, self.size)
+
+    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+        return pixel_media(self.size, self.patch, Strides.of(codec), key)
 
     def num_tokens(self, height: int | None = None, width: int | None = None) -> int:
         return ((height or self.size) // self.patch) * ((width or self.size) // self.patch)

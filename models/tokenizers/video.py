@@ -9,13 +9,14 @@ different lengths, tokenized one by one with B = 1.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor
+from torch import Tensor, nn
 
-from models.tokenizers.base import Tokenizer
+from datamodules.media.spec import TokenAxis
+from models.tokenizers.base import Strides, Tokenizer, by_factor, pixel_media
 
 
 @dataclass(frozen=True)
@@ -47,6 +48,13 @@ class VideoPatches(Tokenizer):
 
     def latent_shape(self) -> tuple[int, ...]:
         return (self.channels, self.frames, self.size, self.size)
+
+    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+        s = Strides.of(codec)
+        media = pixel_media(self.size, self.patch, s, key)
+        k, by = s.temporal, by_factor(s.temporal, "temporal")
+        media["sources"].update(frames=f"{key}.frames{by}", frame_multiple=f"{key}.tpatch{by}")
+        return {**media, "frames": self.frames * k, "time": TokenAxis(stride=k, patch=self.tpatch)}
 
     def num_tokens(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
         t, h, w = frames or self.frames, height or self.size, width or self.size

@@ -1,0 +1,82 @@
+"""Shard lists: brace patterns, globs and folders -> shard files, and how many samples each holds."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+import tarfile
+from pathlib import Path
+
+import webdataset as wds
+from webdataset.tariterators import base_plus_ext
+
+from datamodules.writers import INDEX_NAME
+
+
+def is_remote(url: str) -> bool:
+    return "://" in url or url.startswith("pipe:")
+
+
+def expand_shards(spec: str | list[str]) -> list[str]:
+    """Brace patterns, globs, directories (their ``*.tar``) or lists of these -> existing shard files.
+
+    Remote URLs (``pipe:...``, ``s3://...``) pass through unchecked.
+    """
+    items = [spec] if isinstance(spec, str) else list(spec)
+    urls: list[str] = []
+    missing: list[str] = []
+    for item in items:
+        for url in wds.shardlists.expand_urls(str(item)):
+            if is_remote(url):
+                urls.append(url)
+            elif os.path.isdir(url):
+                found = sorted(glob.glob(os.path.join(url, "*.tar")))
+                if not found:
+                    raise FileNotFoundError(f"shard folder {url!r} (from {spec!r}) holds no *.tar files")
+                urls.extend(found)
+            elif glob.has_magic(url):
+                found = sorted(p for p in glob.glob(url) if os.path.isfile(p))
+                if not found:
+                    raise FileNotFoundError(f"no shard matches {url!r} (from {spec!r}); expected tar files")
+                urls.extend(found)
+            elif not os.path.isfile(url):
+                missing.append(url)
+            else:
+                urls.append(url)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise FileNotFoundError(f"{len(missing)} shard(s) from {spec!r} do not exist: {shown}; expected tar files")
+    if not urls:
+        raise ValueError(f"shard spec {spec!r} is empty; expected a pattern such as 'data/img-{{000000..000009}}.tar'")
+    return urls
+
+
+def count_tar_samples(path: str) -> int:
+    """Samples in one tar: runs of members with the same key, as ``tarfile_to_samples`` groups them."""
+    count, last = 0, None
+    with tarfile.open(path, mode="r:*") as tar:
+        for info in tar:
+            if not info.isreg():
+                continue
+            key, _ = base_plus_ext(info.name)
+            name = os.path.basename(info.name)
+            if key is None or (name.startswith("__") and name.endswith("__")):
+                continue
+            if key != last:
+                count, last = count + 1, key
+    return count
+
+
+def count_samples(urls: list[str]) -> dict[str, int]:
+    """Sample count per shard, from ``index.json`` next to the shards when listed there, else from the tar headers."""
+    indexes: dict[Path, dict[str, int]] = {}
+    counts = {}
+    for url in urls:
+        folder = Path(url).parent
+        if folder not in indexes:
+            index_path = folder / INDEX_NAME
+            indexes[folder] = json.loads(index_path.read_text()).get("shards", {}) if index_path.exists() else {}
+        name = Path(url).name
+        counts[url] = indexes[folder][name] if name in indexes[folder] else count_tar_samples(url)
+    return counts
