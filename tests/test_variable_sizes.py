@@ -82,8 +82,9 @@ def test_fit_on_mixed_sizes_with_a_token_budget(tmp_path: Path) -> None:
 
 def test_throughput_counts_packed_tokens_and_padding() -> None:
     from callbacks.throughput import Throughput
+    from models.training import RunState
 
-    class Module:
+    class Module(RunState):
         last_lengths = [10, 4, 6]
         logged: dict = {}
 

@@ -77,9 +77,15 @@ class Evaluator:
         """Metrics of generated media (labels: the class each was conditioned on, or None)."""
         raise NotImplementedError
 
+    net: Any = None
+    """The feature net of evaluators that embed media (train_feature_net), else None."""
+
     def info(self) -> dict[str, Any]:
-        """What the metrics depend on besides the samples (recorded in the JSON)."""
-        return {}
+        """What the metrics depend on besides the samples (recorded in the JSON): the feature net's provenance."""
+        if self.net is None:
+            return {}
+        keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
+        return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
     def train_feature_net(self, transform: SampleTransform | None = None) -> Any:
         """The FeatureNet of the training split at the generator's size (trained once, then reused

@@ -66,9 +66,6 @@ class ImageEvaluator(FeatureEvaluator):
             x = torch.nn.functional.interpolate(x, size=(side, side), mode="bilinear", antialias=True)
         return self.net.embed(x)
 
-    def info(self) -> dict[str, Any]:
-        keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
-        return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
 
     def captions(self, held_out: dict[str, Any]) -> list[str] | None:
         """The held-out captions a text model is conditioned on, when they are synthetic shape captions
@@ -93,6 +90,7 @@ class ImageEvaluator(FeatureEvaluator):
             out.update(caption_scores(to_uint8_images(generated), reference["captions"][: len(generated)]))
             out.update(reference["real_caption"])
         return out
+
 
 class VideoEvaluator(CheckerEvaluator):
     """Bouncing-shape clips (synthetic_videos): the procedural checker reads shape, motion and frame
@@ -118,12 +116,10 @@ class VideoEvaluator(CheckerEvaluator):
         self.net = self.train_feature_net(self.transform())
 
     def frame_features(self, clips: Any) -> Tensor:
-
         frames, _ = as_frames([c.float().clamp(-1.0, 1.0) for c in clips], torch.zeros(len(clips), dtype=torch.long))
         return self.net.embed(frames.to(self.device))[0]
 
     def check(self, clips: Any, labels: list[int]) -> dict[str, float]:
-
         return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
 
     def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
@@ -133,33 +129,6 @@ class VideoEvaluator(CheckerEvaluator):
         fd = frechet_from_features(reference["features"], self.frame_features(generated))
         return {"frame_fd": fd, **super().scores(generated, labels, reference["scores"])}
 
-    def info(self) -> dict[str, Any]:
-        keep = ("num_classes", "width", "size", "steps", "seed", "train_samples", "train_accuracy")
-        return {"feature_net": {k: self.net.meta.get(k) for k in keep}}
-
-    def captions(self, held_out: dict[str, Any]) -> list[str] | None:
-        """The held-out captions a text model is conditioned on, when they are synthetic shape captions
-        (the caption-following checker reads colour, shape and position back); else None."""
-        captions = list(held_out.get("txt") or [])
-        text_model = getattr(self.model.cond, "num_classes", None) is None
-        if not text_model or not captions or any(parse_caption(c) is None for c in captions):
-            return None
-        return captions
-
-    def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
-        reference = super().reference(held_out)
-        captions = self.captions(held_out)
-        if captions is not None:
-            real = caption_scores(to_uint8_images(self.as_generated(held_out)), captions)
-            reference.update(captions=captions, real_caption={f"real_{k}": v for k, v in real.items()})
-        return reference
-
-    def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
-        out = super().scores(generated, labels, reference)
-        if reference.get("captions") is not None:  # generated[i] was conditioned on captions[i] (run.conditions_for)
-            out.update(caption_scores(to_uint8_images(generated), reference["captions"][: len(generated)]))
-            out.update(reference["real_caption"])
-        return out
 
 class AudioEvaluator(CheckerEvaluator):
     """Note clips (synthetic_audio): the procedural checker reads timbre, pitch and voicing back from every
@@ -181,7 +150,6 @@ class AudioEvaluator(CheckerEvaluator):
         return self.following_model(AudioTransform(max_seconds=60.0, min_seconds=0.0))
 
     def check(self, waves: Any, labels: list[int]) -> dict[str, float]:
-
         return audio_scores([w.detach().float().cpu().numpy() for w in waves], labels, self.model.sample_rate)
 
     def mel_features(self, waves: Any) -> Tensor:
@@ -229,7 +197,6 @@ class ShapeEvaluator(Evaluator):
         self.train_points, self.train_labels = list(train["x"].numpy()), known_labels(train)
 
     def transform(self) -> SampleTransform:
-
         return SurfacePoints(self.points)
 
     def point_sets(self, shapes: Tensor) -> tuple[list, float]:
@@ -248,7 +215,6 @@ class ShapeEvaluator(Evaluator):
         return sets, empty / len(shapes)
 
     def class_accuracy(self, sets: list, labels: Tensor | None) -> dict[str, float]:
-
         if labels is None or self.train_labels is None:
             return {}
         return {"acc": shape_class_accuracy(sets, labels.tolist(), self.train_points, self.train_labels.tolist())}
@@ -258,7 +224,6 @@ class ShapeEvaluator(Evaluator):
         return {"points": sets, **{f"real_{k}": v for k, v in self.class_accuracy(sets, known_labels(held_out)).items()}}
 
     def scores(self, generated: Tensor, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
-
         sets, empty = self.point_sets(generated)
         d = pairwise_chamfer(sets, reference["points"])  # (G, R)
         out = {**coverage_mmd_from(d), "fidelity": float(d.min(axis=1).mean())}
@@ -291,7 +256,6 @@ class SyncEvaluator(CheckerEvaluator):
         return held_out["x"], held_out["audio"]
 
     def check(self, generated: Any, labels: list[int]) -> dict[str, float]:
-
         videos, audios = generated
         clips = [to_uint8_images(v.transpose(0, 1)) for v in videos]  # each (T, H, W, 3)
         waves = [a.detach().float().cpu().numpy() for a in audios]
