@@ -126,6 +126,10 @@ class FinalNorm(nn.Module):
 class MMDiT(nn.Module):
     def __init__(self, cfg: MMDiTConfig) -> None:
         super().__init__()
+        unset = [name for name in ("streams", "out_streams", "rope_axes") if getattr(cfg, name) is None]
+        if unset:
+            raise ValueError(f"MMDiT: MMDiTConfig.{', '.join(unset)} unset; a generator derives them (MMDiTConfig.derive), "
+                             "an MMDiT built alone needs them stated")
         self.cfg = cfg
         kw = dict(mlp_ratio=cfg.mlp_ratio, qk_norm=cfg.qk_norm, attn_backend=cfg.attn_backend)
         self.t_embed = TimestepEmbedder(cfg.dim)

@@ -21,6 +21,16 @@ SMALL = [
 ]
 
 
+def velocity(model, x_t, t, cond: dict, drop):
+    """v(x_t, t | cond) of a single-stream generator in the latents' own form (a tensor, or a list of
+    samples of different sizes): what the tests compare; the model itself works on tokens."""
+    from models.tokens import tokenize, untokenize
+
+    x = tokenize(model.tokenizer, x_t)
+    (v,) = model.velocity_tokens([x], t, cond, drop)
+    return untokenize(model.tokenizer, x.with_x(v))
+
+
 @pytest.fixture(scope="session")
 def image_shards(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from datamodules.synthetic import write_synthetic

@@ -14,13 +14,13 @@ import soundfile
 import torch
 from PIL import Image
 
+from app.evaluation.checkers.audio import audio_attributes, audio_scores
 from datamodules import audio as audio_data
 from datamodules.audio import SCALE_HZ, TIMBRES, AudioTransform, spoken_words, synthetic_audio, write_audio_folder
 from datamodules.decoders import BadSample, decode_audio, decode_sample
-from datamodules.writers import ShardWriter
-from app.evaluation.checkers.audio import audio_attributes, audio_scores
-from models.codecs.mel import MelCodec
 from datamodules.media.audio import save_audio
+from datamodules.writers import ShardWriter
+from models.codecs.mel import MelCodec
 from models.tokenizers.audio import AudioFrames
 
 SR = 8000

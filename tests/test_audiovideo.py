@@ -10,11 +10,11 @@ import pytest
 import soundfile
 import torch
 
+from app.evaluation.checkers.audiovideo import CAP_MS, contact_frames, onset_times, sync_scores
 from datamodules.audiovideo import CLASSES, AudioVideoTransform, synthetic_audiovideo
 from datamodules.decoders import decode_audio
 from datamodules.transforms import collate
 from models.backbone import MMDiTConfig
-from app.evaluation.checkers.audiovideo import CAP_MS, contact_frames, onset_times, sync_scores
 from models.codecs.mel import MelCodec
 from models.generators import AudioVideoFlow
 from models.tokenizers.audio import AudioFrames

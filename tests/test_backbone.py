@@ -237,3 +237,8 @@ def test_flops_per_token_matches_the_linears() -> None:
     depth = model.cfg.depth_dual + model.cfg.depth_single
     assert model.flops_per_token(100) - model.flops_per_token(0) == depth * 4 * 100 * 32
     assert model.num_params() == sum(p.numel() for p in model.parameters())
+
+
+def test_an_mmdit_built_alone_needs_its_stream_counts_in_one_line() -> None:
+    with pytest.raises(ValueError, match=r"MMDiTConfig.streams, out_streams, rope_axes unset"):
+        MMDiT(MMDiTConfig(dim=32, heads=2))

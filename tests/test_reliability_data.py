@@ -7,8 +7,8 @@ import io
 import json
 import logging
 import subprocess
-import tarfile
 import sys
+import tarfile
 from pathlib import Path
 
 import numpy as np

@@ -22,7 +22,6 @@ import torch
 from app.__main__ import main
 from tests.conftest import ROOT, SMALL, TINY
 
-
 # ---- test-only callbacks (also loaded by the Slurm job through --trainer.callbacks+=) ---------
 
 class SignalAt(L.Callback):

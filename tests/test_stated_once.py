@@ -70,7 +70,7 @@ def model_tokens(model: FlowMatchingModule, sample: dict) -> int:
     (image, 2, 1, 2), (video, 2, 1, 3), (audio, 2, 1, 1), (audiovideo, 3, 2, 3),
 ])
 def test_generators_derive_streams_and_rope_axes(build, streams: int, out_streams: int, rope_axes: int) -> None:
-    cfg = build().cfg
+    cfg = build().backbone_cfg
     assert (cfg.streams, cfg.out_streams, cfg.rope_axes) == (streams, out_streams, rope_axes)
 
 
@@ -81,7 +81,7 @@ def test_a_set_generator_takes_any_valid_rope_axes(shape_latents) -> None:
     ckpt, _ = shape_latents
     for stated, kept in ((None, 1), (3, 3)):  # a set has no positions: no axes to derive
         model = ShapeFlow(codec=ShapeLatents(str(ckpt), resolution=8), backbone=MMDiTConfig(dim=32, heads=2, rope_axes=stated))
-        assert (model.cfg.streams, model.cfg.out_streams, model.cfg.rope_axes) == (2, 1, kept)
+        assert (model.backbone_cfg.streams, model.backbone_cfg.out_streams, model.backbone_cfg.rope_axes) == (2, 1, kept)
 
 
 def test_stated_backbone_values_are_accepted_when_they_agree_and_refused_in_one_line() -> None:
