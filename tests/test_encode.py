@@ -112,17 +112,22 @@ def test_two_ranks_split_the_work_without_overlap(pretrained, image_media, tmp_p
     assert not set(ranks[0]) & set(ranks[1]) and sorted(ranks[0] + ranks[1]) == sorted(inputs)
 
 
+def finished_shards(folder: Path) -> list[Path]:
+    """Complete output shards (temporaries are hidden: .<stem>.tmp-*.tar)."""
+    return [p for p in folder.glob("*.tar") if not p.name.startswith(".")] if folder.is_dir() else []
+
+
 def test_a_killed_encode_resumes_and_never_rewrites_finished_shards(pretrained, tmp_path) -> None:
     src = tmp_path / "media"
     write_synthetic("image", str(src), num=64, shard_size=4, seed=2, image_size=16, progress=False)  # 16 shards
     out = tmp_path / "lat"
     proc = run_encode([*cli_args(pretrained, src, out)[:-4], "--batch-size", "1", "--device", "cpu"])
     deadline = time.time() + 240
-    while not list(out.glob("*.tar")) and time.time() < deadline and proc.poll() is None:
+    while not finished_shards(out) and time.time() < deadline and proc.poll() is None:
         time.sleep(0.02)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in out.glob("*.tar")}
+    finished = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in finished_shards(out)}
     assert 0 < len(finished) < 16, f"the kill came at {len(finished)} of 16 shards: nothing to resume"
     again = run_encode(cli_args(pretrained, src, out))
     _, err = again.communicate(timeout=300)
