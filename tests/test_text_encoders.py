@@ -12,60 +12,24 @@ from pathlib import Path
 
 import pytest
 import torch
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors, trainers
 from torch import nn
 from torch.testing import assert_close
 from transformers import (
-    BertConfig,
     BertModel,
-    CLIPTextConfig,
     CLIPTextModel,
     CLIPTextModelWithProjection,
     PreTrainedTokenizerFast,
-    T5Config,
     T5EncoderModel,
 )
 
 from models.pretrained_files import check_fingerprint, folder_fingerprint
 from models.text_encoders import TextEncoders, TextEncoderSpec, detect_kind, masked_mean, unpadded
-from tests.pretrained_models import CAPTIONS
-
-CAPTIONS = ["a red circle on the left", "a blue square moving up", "a green triangle", "the dog runs", ""]
-
-
-def word_tokenizer(special: list[str], template: str, **tokens: str) -> PreTrainedTokenizerFast:
-    """A word-level tokenizer of CAPTIONS' words; ``template`` adds the special tokens around $A."""
-    tok = Tokenizer(models.WordLevel(unk_token="<unk>"))
-    tok.normalizer, tok.pre_tokenizer = normalizers.Lowercase(), pre_tokenizers.Whitespace()
-    tok.train_from_iterator(CAPTIONS, trainers.WordLevelTrainer(special_tokens=special))
-    tok.post_processor = processors.TemplateProcessing(
-        single=template, special_tokens=[(s, tok.token_to_id(s)) for s in special if s in template],
-    )
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", **tokens)
+from tests.pretrained_models import CAPTIONS, save_text_encoders
 
 
 @pytest.fixture(scope="module")
 def folders(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """t5: a flat folder; sd3: a pipeline layout (text_encoder/ + tokenizer/, text_encoder_2/ + tokenizer_2/); bert."""
-    root = tmp_path_factory.mktemp("text-encoders")
-    torch.manual_seed(0)
-    t5_tok = word_tokenizer(["<pad>", "</s>", "<unk>"], "$A </s>", pad_token="<pad>", eos_token="</s>")
-    T5EncoderModel(T5Config(
-        vocab_size=t5_tok.vocab_size, d_model=16, d_kv=4, d_ff=32, num_layers=2, num_heads=4, pad_token_id=0, eos_token_id=1,
-    )).save_pretrained(root / "t5")
-    t5_tok.save_pretrained(root / "t5")
-    clip_tok = word_tokenizer(["<pad>", "<s>", "</s>", "<unk>"], "<s> $A </s>", pad_token="<pad>", bos_token="<s>", eos_token="</s>")
-    clip = {"vocab_size": clip_tok.vocab_size, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
-            "num_attention_heads": 4, "max_position_embeddings": 32, "pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
-    CLIPTextModelWithProjection(CLIPTextConfig(**clip, projection_dim=12)).save_pretrained(root / "sd3" / "text_encoder")
-    CLIPTextModel(CLIPTextConfig(**{**clip, "hidden_size": 8, "num_attention_heads": 2})).save_pretrained(root / "sd3" / "text_encoder_2")
-    clip_tok.save_pretrained(root / "sd3" / "tokenizer")
-    clip_tok.save_pretrained(root / "sd3" / "tokenizer_2")
-    bert_tok = word_tokenizer(["[PAD]", "[CLS]", "[SEP]", "<unk>"], "[CLS] $A [SEP]", pad_token="[PAD]")
-    BertModel(BertConfig(vocab_size=bert_tok.vocab_size, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(root / "bert")
-    bert_tok.save_pretrained(root / "bert")
-    return {"t5": root / "t5", "sd3": root / "sd3", "bert": root / "bert"}
+    return save_text_encoders(tmp_path_factory.mktemp("text-encoders"))
 
 
 def t5_spec(folders, **kwargs) -> TextEncoderSpec:
