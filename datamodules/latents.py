@@ -61,6 +61,18 @@ class CachedLatents(SampleTransform):
         return {**out, **self.conditioning(decoded)}
 
     def cost(self, sample: dict) -> int:
-        """Latent positions of the main stream (channels excluded)."""
-        z = sample["x_latent"]
-        return int(z[0].numel())
+        """Tokens the model makes of the cached latents: latent steps along each axis over the
+        tokenizer's patch (the spec's axes at stride 1: the autoencoder already ran)."""
+        total = 0
+        for key in LATENT_FIELDS.values():
+            if key not in sample:
+                continue
+            dims = sample[key].shape[1:]  # channels first
+            axes = {1: [self.spec.samples], 2: [self.spec.pixels] * 2, 3: [self.spec.time] + [self.spec.pixels] * 2}
+            if len(dims) not in axes:
+                raise BadSample(f"{key}: latent of shape {tuple(sample[key].shape)}; expected (C, F), (C, H, W) or (C, T, H, W)")
+            tokens = 1
+            for n, axis in zip(dims, axes[len(dims)]):
+                tokens *= n // axis.patch
+            total += tokens
+        return total

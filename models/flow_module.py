@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from datamodules.media.spec import MediaSpec
+from datamodules.media.spec import MediaSpec, agree
 from models import flow
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.identity import Identity
@@ -103,7 +103,14 @@ class FlowMatchingModule(RunState, L.LightningModule):
 
     def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None,
                    config_key: str = "model.tokenizer") -> None:
-        """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections."""
+        """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections.
+
+        A tokenizer's ``channels`` follow the codec's latent channels (3 for pixels)."""
+        if hasattr(tokenizer, "channels"):
+            channels = getattr(codec, "latent_channels", 3)
+            source = f"the codec's latent channels ({config_key.replace('tokenizer', 'codec')})" if codec is not None \
+                else "3 (pixels: no codec)"
+            tokenizer = replace(tokenizer, channels=agree(f"{config_key}.channels", tokenizer.channels, channels, source))
         self.keys.append(key)
         self.tokenizer_keys.append(config_key)
         self.tokenizers.append(tokenizer)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from datamodules.media import audio as media_audio
 from datamodules.media import image as image_media
@@ -69,22 +69,29 @@ class VideoFlow(FlowMatchingModule):
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
 
 
-def audio_stream(tokenizer: AudioFrames, codec: MelCodec | None, sample_rate: int, keys: tuple[str, str],
-                 frames: int | None = None) -> tuple[AudioFrames, MelCodec]:
-    """An audio stream's codec at the model's ``sample_rate`` (MelCodec's defaults when None) and its tokenizer
-    with channels = the codec's n_mels and ``frames`` (None: the tokenizer's, else its default).
+def audio_stream(tokenizer: AudioFrames, codec: nn.Module | None, sample_rate: int | None, keys: tuple[str, str],
+                 frames: int | None = None) -> tuple[AudioFrames, nn.Module, int]:
+    """An audio stream: (its tokenizer, its codec, the audio rate).
 
-    ``keys``: the tokenizer's and the codec's config keys. Each value is stated once: a stated one
-    that contradicts the model's is one ValueError line naming both."""
+    The rate is the model's ``sample_rate``, else the codec's own (a pretrained audio autoencoder runs at
+    the rate it was trained at), else 8000; the codec runs at it (MelCodec: its defaults when None). The
+    tokenizer's channels are the codec's latent channels and its ``frames`` the given ones (None: the
+    tokenizer's, else its default). ``keys``: the tokenizer's and the codec's config keys. Each value is
+    stated once: a stated one that contradicts is one ValueError line naming both."""
     tok_key, codec_key = keys
-    mel = (codec or MelCodec()).at_rate(sample_rate, codec_key)
-    channels = agree(f"{tok_key}.channels", tokenizer.channels, mel.n_mels, f"the codec's n_mels ({codec_key}.n_mels)")
-    return replace(tokenizer, channels=channels, frames=frames or tokenizer.frames or tokenizer.default_frames), mel
+    codec = codec or MelCodec()
+    rate = sample_rate or getattr(codec, "native_sample_rate", None) or 8000
+    codec = codec.at_rate(rate, codec_key)
+    source = (f"the codec's n_mels ({codec_key}.n_mels)" if isinstance(codec, MelCodec)
+              else f"the codec's latent channels ({codec_key})")
+    channels = agree(f"{tok_key}.channels", tokenizer.channels, codec.latent_channels, source)
+    return replace(tokenizer, channels=channels, frames=frames or tokenizer.frames or tokenizer.default_frames), codec, rate
 
 
 class AudioFlow(FlowMatchingModule):
-    """Class- or text-conditional audio generator on log-mel frames: 1-D patches with 1-D RoPE over
-    time, clips of mixed durations packed in one batch; samples written as WAV (Griffin-Lim phase)."""
+    """Class- or text-conditional audio generator on log-mel frames (Griffin-Lim to listen) or on the
+    latents of a pretrained audio autoencoder (Oobleck): 1-D patches with 1-D RoPE over time, clips of
+    mixed durations packed in one batch; samples written as WAV."""
 
     media_suffix = ".wav"
 
@@ -92,20 +99,22 @@ class AudioFlow(FlowMatchingModule):
         self,
         tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
-        sample_rate: int = 8000,
-        codec: MelCodec | None = None,
+        sample_rate: int | None = None,
+        codec: nn.Module | None = None,
         **kwargs: Any,
     ):
         """
         Args:
-            tokenizer: Mel-frame patches; its channels follow the codec's n_mels.
-            sample_rate: Rate of the training audio (the data transform follows it) and of the WAVs.
-            codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
+            tokenizer: Latent-frame patches; its channels follow the codec's latent channels.
+            sample_rate: Rate of the training audio (the data transform follows it) and of the WAVs;
+                None: the codec's own (a pretrained autoencoder's), else 8000.
+            codec: MelCodec (leave its sample_rate out; None = its defaults) or a pretrained audio
+                autoencoder (models.codecs.pretrained.PretrainedAutoencoder: AutoencoderOobleck).
             Other arguments as FlowMatchingModule.
         """
-        tok, mel = audio_stream(tokenizer, codec, sample_rate, ("model.tokenizer", "model.codec"))
-        super().__init__(tokenizer=tok, conditioning=conditioning, codec=mel, **kwargs)
-        self.sample_rate = sample_rate  # also read by log_media for the W&B audio panel
+        tok, codec, rate = audio_stream(tokenizer, codec, sample_rate, ("model.tokenizer", "model.codec"))
+        super().__init__(tokenizer=tok, conditioning=conditioning, codec=codec, **kwargs)
+        self.sample_rate = rate
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         return media_audio.save_audio(x, out_dir, self.sample_rate, prefix)
@@ -128,8 +137,8 @@ class AudioVideoFlow(FlowMatchingModule):
         audio_tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
         fps: int = 8,
-        sample_rate: int = 8000,
-        audio_codec: MelCodec | None = None,
+        sample_rate: int | None = None,
+        audio_codec: nn.Module | None = None,
         **kwargs: Any,
     ):
         """
@@ -138,24 +147,26 @@ class AudioVideoFlow(FlowMatchingModule):
             audio_tokenizer: Mel-frame patches; channels follow the codec's n_mels and `frames` the video's
                 duration (tokenizer.frames / fps seconds): leave both out.
             fps: Frame rate of the data (the data transform follows it) and of the written MP4s.
-            sample_rate: Audio rate of the data (the data transform follows it) and of the MP4 soundtracks.
-            audio_codec: Log-mel codec at sample_rate (leave its sample_rate out); None = MelCodec defaults.
+            sample_rate: Audio rate of the data (the data transform follows it) and of the MP4 soundtracks;
+                None: the audio codec's own (a pretrained autoencoder's), else 8000.
+            audio_codec: MelCodec (leave its sample_rate out; None = its defaults) or a pretrained audio
+                autoencoder (PretrainedAutoencoder: AutoencoderOobleck).
             Other arguments as FlowMatchingModule.
         """
-        mel = (audio_codec or MelCodec()).at_rate(sample_rate, "model.audio_codec")
-        expected = tokenizer.frames * sample_rate / fps / mel.hop  # mel frames as long as the video
+        _, codec, rate = audio_stream(audio_tokenizer, audio_codec, sample_rate, ("model.audio_tokenizer", "model.audio_codec"))
+        expected = tokenizer.frames * rate / fps / codec.hop  # latent audio frames as long as the video
         stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
         if stated is not None and abs(stated - expected) > patch:
             raise ValueError(
-                f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} mel frames, as long as "
-                f"model.tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={sample_rate}, "
-                f"hop={mel.hop}); leave it out: it is derived"
+                f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} latent frames, as long as "
+                f"model.tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={rate}, "
+                f"hop={codec.hop}); leave it out: it is derived"
             )
-        audio_tok, mel = audio_stream(audio_tokenizer, mel, sample_rate, ("model.audio_tokenizer", "model.audio_codec"),
-                                      frames=stated or max(patch, round(expected / patch) * patch))
+        audio_tok, codec, _ = audio_stream(audio_tokenizer, codec, rate, ("model.audio_tokenizer", "model.audio_codec"),
+                                           frames=stated or max(patch, round(expected / patch) * patch))
         super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
-        self.add_stream("audio", audio_tok, mel, config_key="model.audio_tokenizer")
-        self.fps, self.sample_rate = fps, sample_rate
+        self.add_stream("audio", audio_tok, codec, config_key="model.audio_tokenizer")
+        self.fps, self.sample_rate = fps, rate
 
     def audio_positions(self, pos: Tensor) -> Tensor:
         """Audio token index (B, N, 1) -> (B, N, 3) positions (t, 0, 0), t in video tokens (tubelets).

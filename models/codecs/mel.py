@@ -84,6 +84,11 @@ class MelCodec(nn.Module):
         return MelCodec(sample_rate, self.n_fft, self.hop, self.n_mels, self.griffin_lim_iters, self.log_floor,
                         self.inverse_iters)
 
+    @property
+    def latent_channels(self) -> int:
+        """Channels of the latent: the mel bins."""
+        return self.n_mels
+
     def frames(self, samples: int) -> int:
         """Latent frames F for a clip of ``samples`` samples."""
         return samples // self.hop + self.extra_frames

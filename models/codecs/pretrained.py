@@ -33,6 +33,7 @@ import diffusers
 import torch
 from torch import Tensor, nn
 
+from datamodules.media.spec import agree
 from models.codecs.latent_stats import LatentStats, denormalise, normalise
 from models.pretrained_files import (
     FrozenModules,
@@ -274,6 +275,19 @@ class PretrainedAutoencoder(FrozenModules):
     @property
     def hop(self) -> int:
         return self.geometry.hop
+
+    @property
+    def native_sample_rate(self) -> int | None:
+        """The audio rate the autoencoder was trained at (its config's sampling_rate); None for images and video."""
+        rate = self.autoencoder.config.get("sampling_rate") if isinstance(self.family.media, AudioMedia) else None
+        return int(rate) if rate else None
+
+    def at_rate(self, sample_rate: int, key: str) -> PretrainedAutoencoder:
+        """Itself, when the generator's ``sample_rate`` is the autoencoder's: a pretrained audio
+        autoencoder runs at the rate it was trained at. ``key``: the codec's config key."""
+        agree("model.sample_rate", sample_rate, self.native_sample_rate or sample_rate,
+              f"the autoencoder's sampling_rate ({key}: its config.json)")
+        return self
 
     def latent_shape_for(self, media_shape: tuple[int, ...] | torch.Size) -> tuple[int, ...]:
         """The shape ``encode`` returns for media of ``media_shape`` (batch dims kept, crop included)."""

@@ -36,14 +36,12 @@ class AudioFrames(Tokenizer):
 
     @property
     def token_dim(self) -> int:
-        if self.channels is None:
-            raise ValueError("AudioFrames.channels is unset; expected the generator to set it to its codec's n_mels")
-        return self.channels * self.patch
+        return self.known_channels() * self.patch
 
     rope_axes: ClassVar[int] = 1
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.frames or self.default_frames)
+        return (self.known_channels(), self.frames or self.default_frames)
 
     def num_tokens(self, frames: int | None = None) -> int:
         return (frames or self.frames or self.default_frames) // self.patch

@@ -61,6 +61,13 @@ class Tokenizer:
         """Shape of one sample's latent, without the batch dim (what sampling starts from)."""
         raise NotImplementedError
 
+    def known_channels(self) -> int:
+        """The latent's channels, once the generator has set them from its codec (``channels`` left None)."""
+        channels = getattr(self, "channels", None)
+        if channels is None:
+            raise ValueError(f"{type(self).__name__}.channels is unset; expected the generator to set it from its codec")
+        return channels
+
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         """This stream's part of the generator's MediaSpec (datamodules/media/spec.py): its fields, plus
         ``sources`` (field -> config key) for error messages; ``key`` is this tokenizer's config key.

@@ -17,8 +17,8 @@ from models.tokenizers.base import Strides, Tokenizer, pixel_media
 
 @dataclass(frozen=True)
 class ImagePatches(Tokenizer):
-    channels: int = 3
-    """Channels of the latent (3 for RGB pixels)."""
+    channels: int | None = None
+    """Channels of the latent; None: the codec's latent channels (3 for pixels), set by the generator."""
     size: int = 32
     """Height and width of the latent that samples are generated at."""
     patch: int = 2
@@ -30,12 +30,12 @@ class ImagePatches(Tokenizer):
 
     @property
     def token_dim(self) -> int:
-        return self.channels * self.patch * self.patch
+        return self.known_channels() * self.patch * self.patch
 
     rope_axes: ClassVar[int] = 2
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.size, self.size)
+        return (self.known_channels(), self.size, self.size)
 
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         return pixel_media(self.size, self.patch, Strides.of(codec), key)

@@ -21,8 +21,8 @@ from models.tokenizers.base import Strides, Tokenizer, by_factor, pixel_media
 
 @dataclass(frozen=True)
 class VideoPatches(Tokenizer):
-    channels: int = 3
-    """Channels of the latent (3 for RGB pixels)."""
+    channels: int | None = None
+    """Channels of the latent; None: the codec's latent channels (3 for pixels), set by the generator."""
     frames: int = 8
     """Frames of the latent that samples are generated with."""
     size: int = 16
@@ -33,7 +33,7 @@ class VideoPatches(Tokenizer):
     """Frames per token; each token holds channels * tpatch * patch * patch values."""
 
     def __post_init__(self) -> None:
-        if min(self.channels, self.frames, self.size, self.patch, self.tpatch) <= 0:
+        if min(self.channels or 1, self.frames, self.size, self.patch, self.tpatch) <= 0:
             raise ValueError(f"VideoPatches: all sizes must be positive, got {self}")
         if self.size % self.patch:
             raise ValueError(f"VideoPatches: size={self.size} must be a multiple of patch={self.patch}")
@@ -42,12 +42,12 @@ class VideoPatches(Tokenizer):
 
     @property
     def token_dim(self) -> int:
-        return self.channels * self.tpatch * self.patch * self.patch
+        return self.known_channels() * self.tpatch * self.patch * self.patch
 
     rope_axes: ClassVar[int] = 3
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (self.channels, self.frames, self.size, self.size)
+        return (self.known_channels(), self.frames, self.size, self.size)
 
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         s = Strides.of(codec)
