@@ -23,6 +23,7 @@ each part is the first 12 hex digits of a sha256, so a mismatch names the part t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import importlib
 import json
@@ -171,6 +172,15 @@ class FrozenModules(nn.Module):
         model.eval()
         self._held.append(model)
         return model
+
+    def __deepcopy__(self, memo: dict) -> FrozenModules:
+        """A copy that shares the held models: they are frozen, so sharing is safe, costs no memory,
+        and works for models a deep copy refuses (weight-norm parametrisations, as in Oobleck)."""
+        clone = self.__class__.__new__(self.__class__)
+        memo[id(self)] = clone
+        for name, value in self.__dict__.items():
+            clone.__dict__[name] = list(value) if name == "_held" else copy.deepcopy(value, memo)
+        return clone
 
     def _apply(self, fn: Callable, recurse: bool = True) -> FrozenModules:
         for model in self._held:

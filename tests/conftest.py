@@ -88,3 +88,33 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
     root = tmp_path_factory.mktemp("pretrained")
     return {**save_autoencoders(root / "autoencoders"), **save_text_encoders(root / "text")}
+
+
+LATENT_CASES = {"image": ("image", "kl", {"size": 16}), "video": ("video", "wan", {"size": 16, "max_frames": 8}),
+                "audio": ("audio", "oobleck", {"max_seconds": 0.5})}
+"""modality -> (synthetic kind, tiny autoencoder, encode options) of the latent-shard fixtures."""
+
+
+@pytest.fixture(scope="session")
+def latent_shards(tmp_path_factory: pytest.TempPathFactory, pretrained, synthetic_shards):
+    """modality -> (a pipeline folder whose vae/ is the tiny autoencoder, latent shards it encoded with
+    the tiny T5's caption embeddings), made once per session."""
+    from app.encode import encode_shards
+    from models.text_encoders import TextEncoderSpec
+
+    made: dict[str, tuple[Path, Path]] = {}
+
+    def get(modality: str) -> tuple[Path, Path]:
+        if modality not in made:
+            kind, autoencoder, options = LATENT_CASES[modality]
+            root = tmp_path_factory.mktemp(f"{modality}-latents")
+            (root / "pipeline").mkdir()
+            source = pretrained[autoencoder] / "vae" if autoencoder == "kl" else pretrained[autoencoder]
+            (root / "pipeline" / "vae").symlink_to(source)
+            encode_shards(str(synthetic_shards(kind)), str(root / "latents"), str(root / "pipeline"), subfolder="vae",
+                          text_encoders=[TextEncoderSpec(str(pretrained["t5"]), max_length=16)], batch_size=8,
+                          device="cpu", progress=False, **options)
+            made[modality] = root / "pipeline", root / "latents"
+        return made[modality]
+
+    return get

@@ -1,0 +1,73 @@
+"""End to end on pretrained first stages and text encoders, per modality: media shards ->
+`shards encode` (tiny random diffusers autoencoder + tiny T5) -> `fit` a few steps on the cached
+latents with the shipped latent config -> `sample` -> the file decodes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from PIL import Image
+
+from app.__main__ import main
+from tests.conftest import ROOT
+from tests.mp4 import read_mp4
+
+CASES = {
+    # modality: (synthetic kind, autoencoder, encode options, model overrides)
+    "image": ("image", "kl", ["--size", "16"], ["--model.init_args.tokenizer.size", "8"]),
+    "video": ("video", "wan", ["--size", "16", "--max-frames", "8"],
+              ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2", "--model.init_args.fps", "8"]),
+    "audio": ("audio", "oobleck", ["--max-seconds", "0.5"],
+              ["--model.init_args.tokenizer.frames", "32", "--model.init_args.tokenizer.patch", "4"]),
+}
+
+
+@pytest.mark.parametrize("modality", sorted(CASES))
+def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained, synthetic_shards, tmp_path: Path) -> None:
+    kind, autoencoder, encode_opts, model_opts = CASES[modality]
+    latents = tmp_path / "latents"
+    t5 = str(pretrained["t5"])
+    pipeline = tmp_path / "pipeline"  # the shipped configs name a diffusers pipeline folder's vae/
+    pipeline.mkdir()
+    (pipeline / "vae").symlink_to(pretrained[autoencoder] / "vae" if autoencoder == "kl" else pretrained[autoencoder])
+    assert main(["shards", "encode", str(synthetic_shards(kind)), str(latents), "--autoencoder", str(pipeline),
+                 "--subfolder", "vae", "--text-encoder", f"{t5},max_length=16", "--batch-size", "8", "--device", "cpu", *encode_opts]) == 0
+    manifest = json.loads((latents / "manifest.json").read_text())
+    assert manifest["samples"] > 0 and manifest["text_encoders"][0]["path"] == t5
+
+    args = ["fit", "--config", str(ROOT / f"configs/{modality}/latent.yaml"), "--runs_dir", str(tmp_path / "runs"),
+            "--name", "e2e", "--trainer.max_steps", "3", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+            "--trainer.precision", "32-true", "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--data.batch_size", "4", "--data.num_workers", "0", "--data.train_shards", str(latents / "*.tar"),
+            "--model.init_args.codec.init_args.path", str(pipeline),
+            "--model.init_args.codec.init_args.dtype", "float32",
+            "--model.init_args.codec.init_args.stats", str(latents / "latent-stats.json"),
+            "--model.init_args.conditioning.init_args.encoders", json.dumps([{"path": t5, "max_length": 16}]),
+            "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
+            "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
+            "--model.init_args.sampler.init_args.steps", "2", *model_opts]
+    assert main(args) == 0
+    ckpt = tmp_path / "runs/e2e/checkpoints/last.ckpt"
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    assert state["global_step"] == 3
+    codec_args = state["hyper_parameters"]["codec"]["init_args"]
+    assert codec_args["fingerprint"] == manifest["autoencoder"]["fingerprint"] and codec_args["stats"] is None
+    assert not any(k.startswith("codecs.0.") and "latent_" not in k for k in state["state_dict"])  # no VAE weights
+
+    out = tmp_path / "samples"
+    assert main(["sample", "--ckpt", str(ckpt), "--num", "2", "--out", str(out), "--prompt", "a red circle",
+                 "--steps", "2"]) == 0
+    if modality == "image":
+        with Image.open(out / "sample-0000.png") as image:
+            assert image.size == (16, 16)  # 8x8 latents through the factor-2 decoder
+    elif modality == "video":
+        frames, _, _, _ = read_mp4(next(out.glob("*.mp4")))
+        assert frames.shape[:3] == (5, 128, 128)  # 2 latent frames: 1 + 4 frames of 16 px, written 8x larger
+    else:
+        wave, rate = soundfile.read(next(out.glob("*.wav")))
+        assert rate == 8000 and len(wave) == 32 * 8 and np.isfinite(wave).all()  # 32 latent frames x hop 8
