@@ -5,6 +5,7 @@ latents with the shipped latent config -> `sample` -> the file decodes."""
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -28,7 +29,8 @@ CASES = {
 
 
 @pytest.mark.parametrize("modality", sorted(CASES))
-def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained, synthetic_shards, tmp_path: Path) -> None:
+def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained, synthetic_shards, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
     kind, autoencoder, encode_opts, model_opts = CASES[modality]
     latents = tmp_path / "latents"
     t5 = str(pretrained["t5"])
@@ -65,6 +67,18 @@ def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained
     if modality == "image":
         with Image.open(out / "sample-0000.png") as image:
             assert image.size == (16, 16)  # 8x8 latents through the factor-2 decoder
+        # the autoencoder's folder changed, then gone: sample stops with one line naming it
+        vae = pipeline / "vae"
+        vae.unlink()
+        shutil.copytree(pretrained[autoencoder] / "vae", vae)
+        config = json.loads((vae / "config.json").read_text())
+        (vae / "config.json").write_text(json.dumps({**config, "scaling_factor": 9.0}))
+        for expected in ("changed: config differ", "does not exist"):
+            assert main(["sample", "--ckpt", str(ckpt), "--num", "1", "--out", str(out), "--steps", "1"]) == 2
+            err = capsys.readouterr().err
+            assert expected in err and str(vae) in err and "Traceback" not in err
+            assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
+            shutil.rmtree(vae, ignore_errors=True)
     elif modality == "video":
         frames, _, _, _ = read_mp4(next(out.glob("*.mp4")))
         assert frames.shape[:3] == (5, 128, 128)  # 2 latent frames: 1 + 4 frames of 16 px, written 8x larger
