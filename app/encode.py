@@ -15,7 +15,8 @@ statistics into ``latent-stats.json`` (per-channel mean/std, the codec's ``stats
 ``manifest.json`` (sources, autoencoder and text-encoder folders and fingerprints, statistics,
 sample counts), ``index.json`` and ``classes.json``.
 
-Stored per sample: ``latent.npy`` (float32, the autoencoder's own latent), ``text.safetensors``
+Stored per sample: ``latent.npy`` (float32, the autoencoder's own latent; audio-video: plus
+``audio_latent.npy`` from the audio autoencoder, with ``audio-latent-stats.json``), ``text.safetensors``
 (``tokens_<i>`` (L_i, D_i) per encoder at the caption's true length, ``pooled`` (P,)), and the
 source's ``cls``, ``txt``, ``json``. Bad samples (undecodable, too short, non-finite latents) are
 skipped, counted and named in the log, as in training.
@@ -40,6 +41,7 @@ from tqdm import tqdm
 
 from app.errors import UserError
 from datamodules.audio import AudioTransform
+from datamodules.audiovideo import AudioVideoTransform
 from datamodules.decoders import BadSample, decode_sample
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
@@ -53,6 +55,8 @@ log = logging.getLogger("duoflow.encode")
 
 MANIFEST_NAME = "manifest.json"
 STATS_NAME = "latent-stats.json"
+STREAMS = (("x", "latent.npy", STATS_NAME), ("audio", "audio_latent.npy", "audio-latent-stats.json"))
+"""Batch key -> stored field and statistics file, per stream (the video's soundtrack is the second)."""
 KEPT_FIELDS = ("cls", "txt", "json")
 
 
@@ -87,14 +91,21 @@ def output_stem(url: str) -> str:
 # ---------------------------------------------------------------- reading media as training does
 
 
-def media_transform(codec: PretrainedAutoencoder, size: int, keep_aspect: bool, max_frames: int,
-                    sample_rate: int | None, max_seconds: float, min_seconds: float) -> SampleTransform:
-    """The transform of the codec's media kind; sizes rounded to what the autoencoder needs."""
+def media_transform(codec: PretrainedAutoencoder, audio_codec: PretrainedAutoencoder | None, size: int,
+                    keep_aspect: bool, max_frames: int, sample_rate: int | None, fps: int, max_seconds: float,
+                    min_seconds: float) -> SampleTransform:
+    """The transform of the codec's media kind (audio-video with an audio codec); sizes rounded to what
+    the autoencoder needs, audio at the audio autoencoder's own rate."""
     media = codec.family.media
+    if audio_codec is not None:
+        if not isinstance(media, VideoMedia) or not isinstance(audio_codec.family.media, AudioMedia):
+            raise UserError("--audio-autoencoder: expected a video --autoencoder and an audio --audio-autoencoder")
+        return AudioVideoTransform(size=size, max_frames=max_frames, frame_multiple=1, fps=fps,
+                                   sample_rate=sample_rate or audio_codec.native_sample_rate)
     if isinstance(media, VideoMedia):
         return VideoTransform(size=size, max_frames=max_frames, frame_multiple=1)  # the codec keeps 1 + k n frames
     if isinstance(media, AudioMedia):
-        rate = sample_rate or int(codec.autoencoder.config.get("sampling_rate") or 0)
+        rate = sample_rate or codec.native_sample_rate
         if not rate:
             raise UserError("--sample-rate: the autoencoder's config names no sampling_rate; pass the rate it expects")
         return AudioTransform(sample_rate=rate, max_seconds=max_seconds, min_seconds=min_seconds)
@@ -124,34 +135,41 @@ def read_shard(url: str, transform: SampleTransform, bad: list[str]) -> Iterator
 class ShardResult:
     samples: int = 0
     bad: list[str] = field(default_factory=list)
-    stats: LatentStats = field(default_factory=LatentStats)
+    stats: dict[str, LatentStats] = field(default_factory=dict)
+    """Stored field -> statistics of its latents."""
 
 
 class Encoder:
     """The frozen models and how a batch of transformed samples becomes stored latent samples."""
 
-    def __init__(self, codec: PretrainedAutoencoder, text: TextEncoders | None, batch_size: int):
-        self.codec, self.text, self.batch_size = codec, text, batch_size
+    def __init__(self, codecs: dict[str, PretrainedAutoencoder], text: TextEncoders | None, batch_size: int):
+        self.codecs, self.text, self.batch_size = codecs, text, batch_size  # batch key -> its autoencoder
+
+    def shape(self, sample: dict) -> tuple:
+        """Samples batch together when every stream has the same shape."""
+        return tuple(tuple(sample[key].shape) for key in self.codecs)
 
     def encode_batch(self, batch: list[tuple[dict, dict]], result: ShardResult) -> list[dict]:
         """Same-shaped samples -> the samples to store (non-finite latents counted as bad)."""
-        x = torch.stack([s["x"] for _, s in batch])
-        latents = self.codec.encode_raw(x).float().cpu()  # (B, C, ...)
+        fields = {key: field for key, field, _ in STREAMS}
+        latents = {key: codec.encode_raw(torch.stack([s[key] for _, s in batch])).float().cpu()  # (B, C, ...)
+                   for key, codec in self.codecs.items()}
         text = self.text.encode([s["txt"] for _, s in batch]) if self.text is not None else None
         out = []
         for i, (decoded, sample) in enumerate(batch):
-            z = latents[i]
-            if not torch.isfinite(z).all():
+            zs = {fields[key]: z[i] for key, z in latents.items()}
+            if not all(torch.isfinite(z).all() for z in zs.values()):
                 msg = f"{decoded.get('__url__', '?')}:{sample['__key__']}: the autoencoder gave a non-finite latent"
                 result.bad.append(msg)
                 log.warning("encode: skipped bad sample %s", msg)
                 continue
-            stored = {"__key__": sample["__key__"], "latent.npy": z.numpy(),
+            stored = {"__key__": sample["__key__"], **{f: z.numpy() for f, z in zs.items()},
                       **{k: decoded[k] for k in KEPT_FIELDS if k in decoded}}
             if text is not None:
                 tokens = {f"tokens_{j}": text.unpadded(j)[i].cpu().numpy() for j in range(len(text.tokens))}
                 stored["text.safetensors"] = {**tokens, "pooled": text.pooled[i].cpu().numpy()}
-            result.stats.update(z[None])
+            for f, z in zs.items():
+                result.stats.setdefault(f, LatentStats()).update(z[None])
             out.append(stored)
         result.samples += len(out)
         return out
@@ -163,7 +181,7 @@ class Encoder:
         with ShardWriter(tmp_pattern, maxcount=10**9) as writer:
             batch: list[tuple[dict, dict]] = []
             for decoded, sample in read_shard(url, transform, result.bad):
-                if batch and (len(batch) >= self.batch_size or sample["x"].shape != batch[0][1]["x"].shape):
+                if batch and (len(batch) >= self.batch_size or self.shape(sample) != self.shape(batch[0][1])):
                     for stored in self.encode_batch(batch, result):
                         writer.write(stored)
                     bar.update(len(batch))
@@ -173,8 +191,9 @@ class Encoder:
                 for stored in self.encode_batch(batch, result):
                     writer.write(stored)
                 bar.update(len(batch))
-        if result.samples:
-            result.stats.save(str(out_dir / f"{stem}.stats.json"))
+        for key, stored_field, _ in STREAMS:
+            if key in self.codecs and result.samples:
+                result.stats[stored_field].save(str(out_dir / f"{stem}.{key}.stats.json"))
         sidecar = {"source": url, "samples": result.samples, "bad": result.bad}
         (out_dir / f"{stem}.done.json").write_text(json.dumps(sidecar, indent=1) + "\n")
         tmp = Path(tmp_pattern % 0)
@@ -192,35 +211,46 @@ def is_done(out_dir: Path, url: str) -> bool:
 # ---------------------------------------------------------------- the whole job
 
 
-def finalize(out_dir: Path, urls: list[str], codec: PretrainedAutoencoder, text: TextEncoders | None,
+def describe(codec: PretrainedAutoencoder) -> dict:
+    return {"class": type(codec.autoencoder).__name__, "path": codec.path, "subfolder": codec.subfolder,
+            "fingerprint": codec.fingerprint, "sample": codec.sample}
+
+
+def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoencoder], text: TextEncoders | None,
              specs: list[TextEncoderSpec]) -> dict:
-    """Merge the per-shard statistics and write latent-stats.json, index.json, classes.json and manifest.json."""
-    stats, shards, bad = LatentStats(), {}, 0
+    """Merge the per-shard statistics and write the stats files, index.json, classes.json and manifest.json."""
+    stats = {key: LatentStats() for key in codecs}
+    shards, bad = {}, 0
     for url in urls:
         stem = output_stem(url)
         done = json.loads((out_dir / f"{stem}.done.json").read_text())
         bad += len(done["bad"])
         if done["samples"]:
             shards[f"{stem}.tar"] = done["samples"]
-            stats.merge(LatentStats.load(str(out_dir / f"{stem}.stats.json"))[0])
+            for key in codecs:
+                stats[key].merge(LatentStats.load(str(out_dir / f"{stem}.{key}.stats.json"))[0])
     if not shards:
         raise UserError(f"shards encode: no usable samples in the {len(urls)} input shard(s) (see the warnings above)")
-    stats.save(str(out_dir / STATS_NAME), fingerprint=codec.fingerprint)
+    latent_stats = {}
+    for key, _, stats_name in STREAMS:
+        if key in codecs:
+            stats[key].save(str(out_dir / stats_name), fingerprint=codecs[key].fingerprint)
+            mean, std = stats[key].result()
+            latent_stats[key] = {"file": stats_name, "mean": mean.tolist(), "std": std.tolist()}
     (out_dir / INDEX_NAME).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
     classes = Path(urls[0]).parent / CLASSES_NAME
     if classes.is_file():
         (out_dir / CLASSES_NAME).write_text(classes.read_text())
-    mean, std = stats.result()
     manifest = {
         "sources": urls,
-        "autoencoder": {"class": type(codec.autoencoder).__name__, "path": codec.path, "subfolder": codec.subfolder,
-                        "fingerprint": codec.fingerprint, "sample": codec.sample},
+        "autoencoder": describe(codecs["x"]),
+        **({"audio_autoencoder": describe(codecs["audio"])} if "audio" in codecs else {}),
         "text_encoders": [
             {"path": s.path, "subfolder": s.subfolder, "tokenizer_subfolder": s.tokenizer_subfolder, "kind": e.kind,
              "max_length": s.max_length, "layer": s.layer, "fingerprint": e.fingerprint}
             for s, e in zip(specs, text.encoders if text is not None else [])
         ],
-        "latent_stats": {"file": STATS_NAME, "mean": mean.tolist(), "std": std.tolist()},
+        "latent_stats": latent_stats,
         "samples": sum(shards.values()), "bad_samples": bad, "shards": shards,
     }
     tmp = out_dir / f".{MANIFEST_NAME}.tmp{os.getpid()}"
@@ -268,12 +298,16 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
                   text_encoders: list[TextEncoderSpec] | None = None, size: int = 256, keep_aspect: bool = False,
                   max_frames: int = 17, sample_rate: int | None = None, max_seconds: float = 10.0,
                   min_seconds: float = 0.1, batch_size: int = 16, shard_size: int = 1000, device: str | None = None,
-                  progress: bool = True) -> dict | None:
+                  progress: bool = True, audio_autoencoder: str | None = None, audio_subfolder: str | None = None,
+                  fps: int = 8) -> dict | None:
     """Encode this rank's share of SRC into OUT; returns the manifest when this rank finished the job."""
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     device = device or default_device()
     codec = PretrainedAutoencoder(autoencoder, subfolder=subfolder, dtype=dtype).to(device)
+    audio_codec = (PretrainedAutoencoder(audio_autoencoder, subfolder=audio_subfolder, dtype=dtype).to(device)
+                   if audio_autoencoder else None)
+    codecs = {"x": codec, **({"audio": audio_codec} if audio_codec is not None else {})}
     specs = list(text_encoders or [])
     text = TextEncoders(specs).to(device) if specs else None
     rank, world = rank_and_world()
@@ -285,11 +319,12 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
         if any(stale.name.startswith(f".{output_stem(u)}.tmp-") for u in my_shards(urls, rank, world)):
             stale.unlink()
     todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
-    transform = media_transform(codec, size, keep_aspect, max_frames, sample_rate, max_seconds, min_seconds)
+    transform = media_transform(codec, audio_codec, size, keep_aspect, max_frames, sample_rate, fps, max_seconds,
+                                min_seconds)
     total = sum(count_samples(todo).values()) if todo else 0
     log.info("encode: rank %d/%d, %d of %d input shards to do (%d samples) on %s", rank, world, len(todo),
              len(urls), total, device)
-    encoder = Encoder(codec, text, batch_size)
+    encoder = Encoder(codecs, text, batch_size)
     start = time.perf_counter()
     with tqdm(total=total, desc=f"encode (rank {rank})", unit="sample", disable=not progress) as bar:
         for url in todo:
@@ -298,7 +333,7 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
         log.info("encode: rank %d encoded %d samples in %.1f s (%.1f samples/s)", rank, total,
                  time.perf_counter() - start, total / max(time.perf_counter() - start, 1e-9))
     if all(is_done(out_dir, u) for u in urls):  # the last rank to finish writes the manifest
-        return finalize(out_dir, urls, codec, text, specs)
+        return finalize(out_dir, urls, codecs, text, specs)
     return None
 
 
@@ -306,7 +341,8 @@ def run(args: argparse.Namespace) -> list[str]:
     specs = [parse_text_encoder(s) for s in args.text_encoder]
     manifest = encode_shards(args.src, args.out, args.autoencoder, args.subfolder, args.dtype, specs, args.size,
                              args.keep_aspect, args.max_frames, args.sample_rate, args.max_seconds, args.min_seconds,
-                             args.batch_size, args.shard_size, args.device)
+                             args.batch_size, args.shard_size, args.device, audio_autoencoder=args.audio_autoencoder,
+                             audio_subfolder=args.audio_subfolder, fps=args.fps)
     if manifest is None:
         print(f"this rank is done; other ranks are still encoding into {args.out}")
         return []

@@ -79,6 +79,10 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--text-encoder", action="append", default=[], metavar="PATH[,key=value...]",
                      help="a transformers text encoder folder, repeatable (SD3: two CLIPs and a T5); options: "
                           "subfolder, tokenizer_subfolder, kind, max_length, dtype, layer; PATH may be package:NAME")
+    enc.add_argument("--audio-autoencoder", default=None,
+                     help="audio-video: the soundtrack's autoencoder (AutoencoderOobleck) beside the video --autoencoder")
+    enc.add_argument("--audio-subfolder", default=None, help="the audio autoencoder's sub-folder")
+    enc.add_argument("--fps", type=int, default=8, help="audio-video: frame rate of the clips (default 8)")
     enc.add_argument("--size", type=int, default=256, help="image / frame side in pixels (default 256)")
     enc.add_argument("--keep-aspect", action="store_true", help="images keep their aspect ratio (about size^2 pixels)")
     enc.add_argument("--max-frames", type=int, default=17, help="longest clip in frames (default 17)")

@@ -120,6 +120,13 @@ class AudioFlow(FlowMatchingModule):
         return media_audio.save_audio(x, out_dir, self.sample_rate, prefix)
 
 
+def video_frames_of(latent_frames: int, codec: nn.Module | None) -> int:
+    """Video frames that ``latent_frames`` decode to: 1 + s (n - 1) for a causal video codec of temporal
+    factor s (Wan, LTX), n for pixels (s = 1)."""
+    s = int(getattr(codec, "temporal_factor", 1))
+    return 1 + s * (latent_frames - 1)
+
+
 class AudioVideoFlow(FlowMatchingModule):
     """Joint video + audio generator: streams [video, audio, context] in one MM-DiT, each with its own
     weights in the dual-stream blocks and one joint attention over all of them (cross-modal both ways),
@@ -154,12 +161,13 @@ class AudioVideoFlow(FlowMatchingModule):
             Other arguments as FlowMatchingModule.
         """
         _, codec, rate = audio_stream(audio_tokenizer, audio_codec, sample_rate, ("model.audio_tokenizer", "model.audio_codec"))
-        expected = tokenizer.frames * rate / fps / codec.hop  # latent audio frames as long as the video
+        video_frames = video_frames_of(tokenizer.frames, kwargs.get("codec"))
+        expected = video_frames * rate / fps / codec.hop  # latent audio frames as long as the video
         stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
         if stated is not None and abs(stated - expected) > patch:
             raise ValueError(
                 f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} latent frames, as long as "
-                f"model.tokenizer.frames={tokenizer.frames} video frames at fps={fps} (sample_rate={rate}, "
+                f"model.tokenizer.frames={tokenizer.frames} latent ({video_frames} video) frames at fps={fps} (sample_rate={rate}, "
                 f"hop={codec.hop}); leave it out: it is derived"
             )
         audio_tok, codec, _ = audio_stream(audio_tokenizer, codec, rate, ("model.audio_tokenizer", "model.audio_codec"),
@@ -171,11 +179,15 @@ class AudioVideoFlow(FlowMatchingModule):
     def audio_positions(self, pos: Tensor) -> Tensor:
         """Audio token index (B, N, 1) -> (B, N, 3) positions (t, 0, 0), t in video tokens (tubelets).
 
-        A token's time is the centre of its mel frames (frame f is centred on sample f * hop); video
-        token j spans frames j k .. j k + k - 1 (k = tpatch), frame i shown at i / fps."""
+        A token's time is the centre of its latent audio frames (frame f centred on sample f * hop);
+        video frame i is shown at i / fps; a video codec of temporal factor s (1: pixels) makes latent
+        frame i of frames s i - s + 1 .. s i (the first frame alone: causal), centred on s i - (s - 1) / 2;
+        video token j spans latent frames j k .. j k + k - 1 (k = tpatch)."""
         patch, hop, k = self.tokenizers[1].patch, self.codecs[1].hop, self.tokenizer.tpatch
+        s = int(getattr(self.codec, "temporal_factor", 1))
         seconds = (pos * patch + (patch - 1) / 2) * hop / self.sample_rate
-        t = (seconds * self.fps - (k - 1) / 2) / k
+        latent_frame = (seconds * self.fps + (s - 1) / 2) / s
+        t = (latent_frame - (k - 1) / 2) / k
         return torch.nn.functional.pad(t, (0, 2))  # no height or width
 
     def velocity_tokens(self, xs: list[Tokens], t: Tensor, cond: dict[str, Any], drop: Tensor) -> list[Tensor]:

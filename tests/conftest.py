@@ -91,14 +91,16 @@ def pretrained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 
 LATENT_CASES = {"image": ("image", "kl", {"size": 16}), "video": ("video", "wan", {"size": 16, "max_frames": 8}),
-                "audio": ("audio", "oobleck", {"max_seconds": 0.5})}
+                "audio": ("audio", "oobleck", {"max_seconds": 0.5}),
+                "audiovideo": ("audiovideo", "wan", {"size": 16, "max_frames": 8, "fps": 8})}
 """modality -> (synthetic kind, tiny autoencoder, encode options) of the latent-shard fixtures."""
 
 
 @pytest.fixture(scope="session")
 def latent_shards(tmp_path_factory: pytest.TempPathFactory, pretrained, synthetic_shards):
     """modality -> (a pipeline folder whose vae/ is the tiny autoencoder, latent shards it encoded with
-    the tiny T5's caption embeddings), made once per session."""
+    the tiny T5's caption embeddings), made once per session; audio-video's soundtrack autoencoder
+    (the tiny Oobleck) is the pipeline folder's sound/vae."""
     from app.encode import encode_shards
     from models.text_encoders import TextEncoderSpec
 
@@ -111,6 +113,10 @@ def latent_shards(tmp_path_factory: pytest.TempPathFactory, pretrained, syntheti
             (root / "pipeline").mkdir()
             source = pretrained[autoencoder] / "vae" if autoencoder == "kl" else pretrained[autoencoder]
             (root / "pipeline" / "vae").symlink_to(source)
+            if modality == "audiovideo":
+                (root / "pipeline" / "sound").mkdir()
+                (root / "pipeline" / "sound" / "vae").symlink_to(pretrained["oobleck"])
+                options = {**options, "audio_autoencoder": str(root / "pipeline" / "sound"), "audio_subfolder": "vae"}
             encode_shards(str(synthetic_shards(kind)), str(root / "latents"), str(root / "pipeline"), subfolder="vae",
                           text_encoders=[TextEncoderSpec(str(pretrained["t5"]), max_length=16)], batch_size=8,
                           device="cpu", progress=False, **options)

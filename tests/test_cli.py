@@ -87,7 +87,9 @@ def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shard
     model = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
     latent_sizes = {"image": ["--model.init_args.tokenizer.size", "8"],
                     "video": ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2"],
-                    "audio": ["--model.init_args.tokenizer.frames", "16"]}
+                    "audio": ["--model.init_args.tokenizer.frames", "16"],
+                    "audiovideo": ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                                   "--model.init_args.fps", "8", "--model.init_args.audio_tokenizer.patch", "8"]}
     if str(model.get("codec", {}).get("class_path", "")).endswith("PretrainedAutoencoder"):  # cached latents, tiny models
         pipeline, shards = request.getfixturevalue("latent_shards")(modality)
         t5 = str(request.getfixturevalue("pretrained")["t5"])
@@ -95,6 +97,9 @@ def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shard
                    "float32", "--model.init_args.codec.init_args.stats", str(shards / "latent-stats.json"),
                    "--model.init_args.conditioning.init_args.encoders", json.dumps([{"path": t5, "max_length": 16}]),
                    *latent_sizes[modality]]
+        if "audio_codec" in model:
+            shrink += ["--model.init_args.audio_codec.init_args.path", str(pipeline / "sound"),
+                       "--model.init_args.audio_codec.init_args.stats", str(shards / "audio-latent-stats.json")]
     args = ["fit", "--config", str(ROOT / config), "--runs_dir", str(tmp_path / "runs"), "--trainer.fast_dev_run", "1",
             "--trainer.accelerator", "cpu", "--trainer.devices", "1", "--trainer.precision", "32-true",
             "--trainer.logger", "false", "--data.batch_size", "2", "--data.num_workers", "0",

@@ -25,6 +25,9 @@ CASES = {
               ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2", "--model.init_args.fps", "8"]),
     "audio": ("audio", "oobleck", ["--max-seconds", "0.5"],
               ["--model.init_args.tokenizer.frames", "32", "--model.init_args.tokenizer.patch", "4"]),
+    "audiovideo": ("audiovideo", "wan", ["--size", "16", "--max-frames", "8", "--fps", "8"],
+                   ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                    "--model.init_args.fps", "8", "--model.init_args.audio_tokenizer.patch", "8"]),
 }
 
 
@@ -37,6 +40,13 @@ def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained
     pipeline = tmp_path / "pipeline"  # the shipped configs name a diffusers pipeline folder's vae/
     pipeline.mkdir()
     (pipeline / "vae").symlink_to(pretrained[autoencoder] / "vae" if autoencoder == "kl" else pretrained[autoencoder])
+    audio = []  # audio-video: the soundtrack's autoencoder, in a pipeline folder of its own
+    if modality == "audiovideo":
+        (tmp_path / "sound" / "vae").parent.mkdir()
+        (tmp_path / "sound" / "vae").symlink_to(pretrained["oobleck"])
+        encode_opts = [*encode_opts, "--audio-autoencoder", str(tmp_path / "sound"), "--audio-subfolder", "vae"]
+        audio = ["--model.init_args.audio_codec.init_args.path", str(tmp_path / "sound"),
+                 "--model.init_args.audio_codec.init_args.stats", str(latents / "audio-latent-stats.json")]
     assert main(["shards", "encode", str(synthetic_shards(kind)), str(latents), "--autoencoder", str(pipeline),
                  "--subfolder", "vae", "--text-encoder", f"{t5},max_length=16", "--batch-size", "8", "--device", "cpu", *encode_opts]) == 0
     manifest = json.loads((latents / "manifest.json").read_text())
@@ -52,7 +62,7 @@ def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained
             "--model.init_args.conditioning.init_args.encoders", json.dumps([{"path": t5, "max_length": 16}]),
             "--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
             "--model.init_args.backbone.depth_dual", "1", "--model.init_args.backbone.depth_single", "1",
-            "--model.init_args.sampler.init_args.steps", "2", *model_opts]
+            "--model.init_args.sampler.init_args.steps", "2", *audio, *model_opts]
     assert main(args) == 0
     ckpt = tmp_path / "runs/e2e/checkpoints/last.ckpt"
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
@@ -79,9 +89,11 @@ def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained
             assert expected in err and str(vae) in err and "Traceback" not in err
             assert len([line for line in err.splitlines() if line.startswith("error:")]) == 1
             shutil.rmtree(vae, ignore_errors=True)
-    elif modality == "video":
-        frames, _, _, _ = read_mp4(next(out.glob("*.mp4")))
+    elif modality in ("video", "audiovideo"):
+        frames, sound, fps, rate = read_mp4(next(out.glob("*.mp4")))
         assert frames.shape[:3] == (5, 128, 128)  # 2 latent frames: 1 + 4 frames of 16 px, written 8x larger
+        if modality == "audiovideo":  # the decoded soundtrack, as long as the 5 frames at 8 fps
+            assert rate == 8000 and sound is not None and abs(len(sound) / rate - 5 / 8) < 0.15
     else:
         wave, rate = soundfile.read(next(out.glob("*.wav")))
         assert rate == 8000 and len(wave) == 32 * 8 and np.isfinite(wave).all()  # 32 latent frames x hop 8
