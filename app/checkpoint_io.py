@@ -13,6 +13,8 @@ from typing import Any
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from models.checkpoints import reading_as_data
+
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
     path = Path(path)
@@ -46,5 +48,13 @@ def remove_stale_temporaries(path: Path) -> list[Path]:
 
 
 class AtomicCheckpointIO(TorchCheckpointIO):
+    """Saves atomically; loads (Lightning's resume path) as data only: weights_only=True, duoflow's
+    config types allowed, anything else refused in one line (models/checkpoints.py)."""
+
     def save_checkpoint(self, checkpoint: dict[str, Any], path: Any, storage_options: Any | None = None) -> None:
         atomic_torch_save(checkpoint, path)
+
+    def load_checkpoint(self, path: Any, map_location: Any | None = None, weights_only: bool | None = None) -> dict[str, Any]:
+        with reading_as_data(path):
+            return super().load_checkpoint(path, map_location=map_location or (lambda storage, loc: storage),
+                                           weights_only=True)

@@ -8,6 +8,7 @@ overwriting it), atomic checkpoint writes, and W&B offline by default.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from app.checkpoint_io import AtomicCheckpointIO
 from app.errors import UserError
 from datamodules.shards import ShardDataModule
+from models.checkpoints import reading_as_data
 
 log = logging.getLogger("duoflow")
 
@@ -32,7 +34,16 @@ MOVED_CLASS_PATHS = {"callbacks.evaluation.Evaluation": "app.evaluation.callback
 """Class paths that moved, as older run configs (and checkpoints) name them -> where they live now."""
 
 
+def new_run_id() -> str:
+    """A W&B run id: 8 characters of [a-z0-9] starting with a letter, so no YAML or JSON reader can take
+    it for a number (ids such as 06e88891 or 12345678 from plain hex are read back as inf or an int)."""
+    return secrets.choice("abcdefghijklmnopqrstuvwxyz") + secrets.token_hex(4)[1:]
+
+
 class DuoflowCLI(LightningCLI):
+    run_id: str | None = None
+    """The W&B run id of this run (stored in checkpoints beside the config, as a plain string); None without W&B."""
+
     def __init__(self, args: list[str] | None = None, run: bool = True):
         super().__init__(
             lightning.LightningModule,  # any generator, or the shape autoencoder
@@ -70,10 +81,20 @@ class DuoflowCLI(LightningCLI):
                 raise
             raise UserError(str(root)) from e
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning reads the model's hyper-parameters from --ckpt_path (weights_only=True): with duoflow's
+        config types allowed, and a refused checkpoint as one line."""
+        ckpt = self.config[self.config.subcommand].get("ckpt_path") if self.config.get("subcommand") else None
+        with reading_as_data(ckpt or "--ckpt_path"):
+            super()._parse_ckpt_path()
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--name", type=str | None, default=None,
                             help="Run name; the run directory is <runs_dir>/<name> (default: the config file's name).")
         parser.add_argument("--runs_dir", type=str, default="runs", help="Parent folder of run directories.")
+        parser.add_argument("--run_id", type=str | None, default=None,
+                            help="W&B run id (default: the run directory's when resuming, else a new one). Given here, "
+                                 "not as the logger's id, a value such as 06e88891 stays a string.")
 
     # ---- run directory, resume and W&B id, before anything is built ------------------------
 
@@ -107,7 +128,7 @@ class DuoflowCLI(LightningCLI):
                     f"or --name NEW_NAME to start a new run"
                 )
         self.run_dir = run_dir
-        self.configure_wandb(cfg, run_dir, name, resuming)
+        self.run_id = self.configure_wandb(cfg, run_dir, name, resuming, cfg.get("run_id"))
 
     @staticmethod
     def config_stem(cfg: Namespace) -> str | None:
@@ -118,7 +139,9 @@ class DuoflowCLI(LightningCLI):
         return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
 
     @staticmethod
-    def configure_wandb(cfg: Namespace, run_dir: Path, name: str, resuming: bool) -> None:
+    def configure_wandb(cfg: Namespace, run_dir: Path, name: str, resuming: bool, run_id: str | None = None) -> str | None:
+        """Point the W&B logger at the run directory and give it its id; returns the id (None without W&B)."""
+        chosen = None
         logger = cfg.trainer.get("logger")
         loggers = logger if isinstance(logger, list) else [logger]
         for lg in loggers:
@@ -129,13 +152,18 @@ class DuoflowCLI(LightningCLI):
             if args.get("name") is None:
                 args.name = name
             id_file = run_dir / WANDB_ID_FILE
-            if resuming and id_file.exists() and not args.get("id"):
+            # set after parsing, so no YAML reader sees it: jsonargparse reads a logger id such as 06e88891 as inf
+            if run_id:
+                args.id = run_id
+            elif resuming and id_file.exists():  # the run's own id, whatever a stored config says
                 args.id = id_file.read_text().strip()
             elif not args.get("id"):
-                args.id = secrets.token_hex(4)  # W&B ids are short [a-z0-9] strings
+                args.id = new_run_id()
+            chosen = args.id
             if rank_zero_only.rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
                 id_file.write_text(args.id + "\n")
+        return chosen
 
     # ---- checkpoints always land in the run directory, always with last.ckpt ----------------
 
@@ -155,6 +183,7 @@ class DuoflowCLI(LightningCLI):
     def before_fit(self) -> None:
         # the resolved config travels inside every checkpoint (and sits in the run directory)
         self.model.duoflow_config = self.parser.dump(self.config, skip_none=False)
+        self.model.duoflow_run_id = self.run_id
         if rank_zero_only.rank == 0:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             log.info("run directory: %s", self.run_dir)
@@ -188,10 +217,12 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
     ckpt = _option(args, "--ckpt_path")
     if not ckpt or ckpt == "last" or not Path(ckpt).is_file():
         return args  # nothing to read: the parser (or before_instantiate_classes) reports what is missing
-    import torch
     import yaml
 
-    text = torch.load(ckpt, map_location="cpu", weights_only=False, mmap=True).get("duoflow_config")
+    from models.checkpoints import load_checkpoint
+
+    state = load_checkpoint(ckpt, mmap=True)
+    text = state.get("duoflow_config")
     if not text:
         raise UserError(f"--ckpt_path {ckpt}: the checkpoint holds no run config; pass --config as well")
     for old, moved in MOVED_CLASS_PATHS.items():
@@ -201,6 +232,13 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
         cfg = cfg["fit"]
     for key in ("config", "ckpt_path", "subcommand"):
         cfg.pop(key, None)
+    logger = (cfg.get("trainer") or {}).get("logger")
+    for lg in logger if isinstance(logger, list) else [logger]:
+        init = lg.get("init_args") if isinstance(lg, dict) else None
+        if isinstance(init, dict) and str(lg.get("class_path", "")).endswith("WandbLogger"):
+            init.pop("id", None)  # the stored config may hold it mangled (06e88891 dumped as .inf): the plain copy wins
+    if state.get("duoflow_run_id"):
+        cfg["run_id"] = str(state["duoflow_run_id"])
     trainer = cfg.get("trainer") or {}
     plugins = trainer.get("plugins")
     if isinstance(plugins, list):  # instances from trainer_defaults (AtomicCheckpointIO) dump as unusable text
@@ -208,7 +246,9 @@ def config_from_checkpoint(args: list[str]) -> list[str]:
     path = Path(ckpt).resolve()
     if path.parent.name == "checkpoints":  # <runs_dir>/<name>/checkpoints/FILE: continue that run
         cfg["name"], cfg["runs_dir"] = path.parent.parent.name, str(path.parent.parent.parent)
-    return [args[0], "--config", yaml.safe_dump(cfg, sort_keys=False), *args[1:]]
+    # JSON, not YAML: every string stays quoted, so a value such as the W&B id "06e88891" is not read back
+    # as a number (PyYAML writes it bare, and jsonargparse's YAML reads 06e88891 as a float)
+    return [args[0], "--config", json.dumps(cfg), *args[1:]]
 
 
 def run_lightning(args: list[str]) -> None:

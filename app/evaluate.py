@@ -28,6 +28,7 @@ from app.evaluation.evaluators import known_labels
 from app.evaluation.modalities import evaluator_for
 from app.evaluation.run import evaluate_generator
 from datamodules.shards import expand_shards, read_samples
+from models.checkpoints import load_checkpoint
 
 log = logging.getLogger("duoflow.eval")
 
@@ -112,7 +113,7 @@ def main(argv: list[str]) -> int:
     check_args(args)
     start = time.perf_counter()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ckpt = torch.load(args.ckpt, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_checkpoint(args.ckpt, mmap=True)
     train_shards = args.reference or train_shards_of(ckpt, args.ckpt)
     warn_overlap(args.data, train_shards)
     model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema, ckpt=ckpt)

@@ -11,12 +11,12 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 import yaml
 from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.sample import load_generator
+from models.checkpoints import load_checkpoint
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -41,7 +41,7 @@ def model_config(ckpt: dict) -> dict:
 def export(ckpt_path: str | Path, out: str | Path, ema: bool = True) -> Path:
     if not Path(ckpt_path).is_file():
         raise UserError(f"--ckpt {ckpt_path}: no such checkpoint file")
-    ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=False, mmap=True)
+    ckpt = load_checkpoint(ckpt_path, mmap=True)
     model, used_ema = load_generator(ckpt_path, "cpu", ema=ema, ckpt=ckpt)
     if ema and not used_ema:
         raise UserError(f"--ckpt {ckpt_path}: holds no EMA weights; pass --no-ema to export the raw weights")

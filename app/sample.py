@@ -33,13 +33,14 @@ def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True,
 
     `ckpt`: the checkpoint already read from `ckpt_path`, when the caller has it (saves a read)."""
     from callbacks.ema import load_ema_weights
+    from models.checkpoints import load_checkpoint, reading_as_data
     from models.generators import FlowMatchingModule
 
     path = Path(ckpt_path)
     if not path.is_file():
         raise UserError(f"--ckpt {path}: no such checkpoint file")
     if ckpt is None:
-        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+        ckpt = load_checkpoint(path, mmap=True)
     class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
     if not class_path:
         raise UserError(f"--ckpt {path}: not a duoflow generator checkpoint (no model class recorded in it)")
@@ -48,7 +49,8 @@ def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True,
     if not (isinstance(klass, type) and issubclass(klass, FlowMatchingModule)):
         raise UserError(f"--ckpt {path}: model class {class_path} is not a duoflow generator")
     # load through the concrete class: Lightning drops `_class_path` when the base class has no **kwargs
-    model = klass.load_from_checkpoint(path, map_location="cpu", weights_only=False)
+    with reading_as_data(path):
+        model = klass.load_from_checkpoint(path, map_location="cpu", weights_only=True)
     used_ema = load_ema_weights(model, ckpt) if ema else False
     return model.to(device).eval(), used_ema
 

@@ -176,6 +176,8 @@ class RunState:
         """Tokens per sample of the last training batch (Throughput; empty for modules without tokens)."""
         self.duoflow_config: str | None = None
         """The resolved run config as YAML text (set by the CLI before fit), stored in every checkpoint."""
+        self.duoflow_run_id: str | None = None
+        """The tracker's run id (set by the CLI), stored in checkpoints as a plain string beside the config."""
         self.noise_seed: int | None = None
         """Base seed of the training noise, agreed by all ranks at fit start and kept in checkpoints."""
         self.noise_draws = 0
@@ -208,6 +210,8 @@ class RunState:
         checkpoint["duoflow_rng"] = rng_state()  # the global RNGs too, for anything else that draws from them
         if self.duoflow_config:
             checkpoint["duoflow_config"] = self.duoflow_config  # the resolved run config, as YAML text
+        if self.duoflow_run_id:
+            checkpoint["duoflow_run_id"] = self.duoflow_run_id
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("duoflow_nonfinite_total", 0))

@@ -16,7 +16,6 @@ H heads, D head dim (C = H * D), R grid side.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -26,34 +25,8 @@ from torch import Tensor, nn
 
 from models.attention import RMSNorm, select_kernel
 from models.blocks import Mlp
-
-
-@dataclass
-class ShapeAEConfig:
-    latents: int = 64
-    """K: latent vectors per shape."""
-    latent_dim: int = 8
-    """d: channels of each latent vector (the flow generates K x d numbers)."""
-    width: int = 128
-    """C: transformer width."""
-    heads: int = 4
-    enc_self_layers: int = 1
-    """Self-attention blocks on the latents after the encoder's cross-attention."""
-    dec_layers: int = 2
-    """Self-attention blocks on the latents before the query points read them."""
-    fourier_bands: int = 8
-    """Octaves of sin/cos features of the coordinates, frequencies pi * 2^0 .. pi * 2^(bands-1)."""
-    mlp_ratio: float = 4.0
-    kl_weight: float = 1e-3
-    """Weight of the KL term (mean per latent element); 0 = deterministic bottleneck (no noise, no KL)."""
-    chunk: int = 32768
-    """Query points decoded at a time by ``decode`` (bounds memory on large grids)."""
-
-    def __post_init__(self) -> None:
-        if self.width % self.heads:
-            raise ValueError(f"ShapeAEConfig: width={self.width} must be divisible by heads={self.heads}")
-        if min(self.latents, self.latent_dim, self.fourier_bands, self.chunk) <= 0 or self.kl_weight < 0:
-            raise ValueError("ShapeAEConfig: latents, latent_dim, fourier_bands and chunk must be positive, kl_weight >= 0")
+from models.checkpoints import load_checkpoint
+from models.codecs.shape_config import ShapeAEConfig
 
 
 class FourierEmbed(nn.Module):
@@ -183,7 +156,7 @@ def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:
 
     Read from the checkpoint's hyper-parameters and ``codec.*`` weights directly, so the codec does
     not need the LightningModule that trained it."""
-    state = torch.load(ckpt, map_location=map_location, weights_only=False)
+    state = load_checkpoint(ckpt, map_location=map_location)
     cfg = state.get("hyper_parameters", {}).get("codec")
     if isinstance(cfg, dict):
         cfg = ShapeAEConfig(**cfg)
