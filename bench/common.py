@@ -21,7 +21,8 @@ from typing import Callable, Sequence
 
 import torch
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
+"""Where reports are written; BENCH_RESULTS moves them (bench/gpu_check.sh --dry-run keeps bench/results/ as it is)."""
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
