@@ -7,13 +7,14 @@ runs the autoencoder or the text encoders on the training data again.
 
 One output shard per input shard, named after it (``<stem>.tar``), so the work splits by shard:
 rank r of a ``torchrun`` / Slurm job (``RANK``/``WORLD_SIZE`` or ``SLURM_PROCID``/``SLURM_NTASKS``)
-encodes the input shards r, r + W, r + 2W, ..., never a sample twice. A shard is written to a
-temporary name and renamed when complete, after its statistics sidecar (``<stem>.stats.json``):
-a killed encode leaves no half shard, and a re-run skips the finished shards and never rewrites
-them. When every shard is done, whichever rank finishes last merges the per-shard latent
+encodes the input shards r, r + W, r + 2W, ..., never a sample twice. A shard is written under a
+temporary name and renamed when complete; then its statistics; last, atomically, ``<stem>.done.json``:
+a kill anywhere before leaves the shard to be encoded again, and a re-run skips the done shards and
+never rewrites them. When every shard is done, whichever rank finishes last merges the per-shard
 statistics into ``latent-stats.json`` (per-channel mean/std, the codec's ``stats``) and writes
-``manifest.json`` (sources, autoencoder and text-encoder folders and fingerprints, statistics,
-sample counts), ``index.json`` and ``classes.json``.
+``manifest.json`` (sources, options, autoencoder and text-encoder folders and fingerprints,
+statistics, sample counts), ``index.json`` and ``classes.json``, each through a unique temporary file
+and a rename, so two ranks finishing at once write the same content harmlessly.
 
 Stored per sample: ``latent.npy`` (float32, the autoencoder's own latent; audio-video: plus
 ``audio_latent.npy`` from the audio autoencoder, with ``audio-latent-stats.json``), ``text.safetensors``
@@ -29,6 +30,7 @@ import glob
 import json
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -178,7 +180,7 @@ class Encoder:
         """Encode one input shard into ``out_dir/<stem>.tar`` (+ its stats sidecar), atomically."""
         stem, result = output_stem(url), ShardResult()
         tmp_pattern = str(out_dir / f".{stem}.tmp-%06d.tar")
-        with ShardWriter(tmp_pattern, maxcount=10**9) as writer:
+        with ShardWriter(tmp_pattern, maxcount=10**9, index=False) as writer:  # finalize writes index.json
             batch: list[tuple[dict, dict]] = []
             for decoded, sample in read_shard(url, transform, result.bad):
                 if batch and (len(batch) >= self.batch_size or self.shape(sample) != self.shape(batch[0][1])):
@@ -191,17 +193,28 @@ class Encoder:
                 for stored in self.encode_batch(batch, result):
                     writer.write(stored)
                 bar.update(len(batch))
+        tmp = Path(tmp_pattern % 0)
+        if result.samples == 0:  # nothing usable: no shard, the done file says why
+            tmp.unlink(missing_ok=True)
+        else:
+            os.replace(tmp, out_dir / f"{stem}.tar")
         for key, stored_field, _ in STREAMS:
             if key in self.codecs and result.samples:
                 result.stats[stored_field].save(str(out_dir / f"{stem}.{key}.stats.json"))
-        sidecar = {"source": url, "samples": result.samples, "bad": result.bad}
-        (out_dir / f"{stem}.done.json").write_text(json.dumps(sidecar, indent=1) + "\n")
-        tmp = Path(tmp_pattern % 0)
-        if result.samples == 0:  # nothing usable: no shard, the sidecar says why
-            tmp.unlink(missing_ok=True)
-        else:
-            os.replace(tmp, out_dir / f"{stem}.tar")  # last: a shard that exists is complete
+        # last, atomically: a shard counts as done only once its tar and statistics are in place, so a kill
+        # anywhere before leaves it to be encoded again by the next run
+        write_atomic(out_dir / f"{stem}.done.json", json.dumps({"source": url, "samples": result.samples,
+                                                                 "bad": result.bad}, indent=1) + "\n")
         return result
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write text to path through a unique temporary file and a rename: readers never see half a file, and
+    two ranks finishing at once may both write the same content."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
 
 
 def is_done(out_dir: Path, url: str) -> bool:
@@ -237,10 +250,10 @@ def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoenc
             stats[key].save(str(out_dir / stats_name), fingerprint=codecs[key].fingerprint)
             mean, std = stats[key].result()
             latent_stats[key] = {"file": stats_name, "mean": mean.tolist(), "std": std.tolist()}
-    (out_dir / INDEX_NAME).write_text(json.dumps({"shards": shards}, indent=1) + "\n")
+    write_atomic(out_dir / INDEX_NAME, json.dumps({"shards": shards}, indent=1) + "\n")
     classes = Path(urls[0]).parent / CLASSES_NAME
     if classes.is_file():
-        (out_dir / CLASSES_NAME).write_text(classes.read_text())
+        write_atomic(out_dir / CLASSES_NAME, classes.read_text())
     manifest = {
         "sources": urls,
         "autoencoder": describe(codecs["x"]),
@@ -253,9 +266,7 @@ def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoenc
         "latent_stats": latent_stats,
         "samples": sum(shards.values()), "bad_samples": bad, "shards": shards,
     }
-    tmp = out_dir / f".{MANIFEST_NAME}.tmp{os.getpid()}"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST_NAME)
+    write_atomic(out_dir / MANIFEST_NAME, json.dumps(manifest, indent=1) + "\n")
     return manifest
 
 

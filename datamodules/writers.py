@@ -69,7 +69,9 @@ class ShardWriter:
     Use as a context manager; ``close()`` returns the written shard paths.
     """
 
-    def __init__(self, pattern: str, maxcount: int = 1000):
+    def __init__(self, pattern: str, maxcount: int = 1000, index: bool = True):
+        """index: merge the shard counts into index.json on close (off where another writer owns it)."""
+        self.index = index
         if maxcount <= 0:
             raise ValueError(f"ShardWriter: maxcount must be positive, got {maxcount}")
         try:
@@ -125,7 +127,7 @@ class ShardWriter:
 
     def close(self) -> list[str]:
         self._finish_shard()
-        if self.paths:
+        if self.paths and self.index:
             write_index(self.paths, self.counts)
         return list(self.paths)
 

@@ -170,3 +170,29 @@ def test_a_missing_autoencoder_is_one_line(image_media, tmp_path, capsys) -> Non
     err = capsys.readouterr().err
     assert code == 2 and str(tmp_path / "gone") in err and "Traceback" not in err
     assert len([ln for ln in err.splitlines() if ln.startswith("error:")]) == 1
+
+
+def test_a_kill_after_a_shard_is_renamed_but_before_it_is_done_loses_nothing(pretrained, tmp_path: Path,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """The window between a shard's rename and its done file: the re-run encodes that shard again, and
+    the manifest lists exactly the shards (and samples) on disk."""
+    import app.encode
+
+    src = tmp_path / "media"
+    write_synthetic("image", str(src), num=8, shard_size=4, seed=4, image_size=16, progress=False)
+    real = app.encode.write_atomic
+    calls = []
+
+    def dies_at_the_first_done_file(path: Path, text: str) -> None:
+        if path.name.endswith(".done.json") and not calls:
+            calls.append(path)
+            raise KeyboardInterrupt("killed")
+        real(path, text)
+
+    monkeypatch.setattr(app.encode, "write_atomic", dies_at_the_first_done_file)
+    with pytest.raises(KeyboardInterrupt):
+        encode_shards(str(src), str(tmp_path / "lat"), **kl_args(pretrained), progress=False)
+    monkeypatch.setattr(app.encode, "write_atomic", real)
+    manifest = encode_shards(str(src), str(tmp_path / "lat"), **kl_args(pretrained), progress=False)
+    on_disk = {p.name for p in finished_shards(tmp_path / "lat")}
+    assert set(manifest["shards"]) == on_disk and manifest["samples"] == 8 == len(stored_samples(tmp_path / "lat"))

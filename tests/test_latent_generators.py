@@ -99,3 +99,13 @@ def test_checkpoint_keeps_folders_and_fingerprints_not_pretrained_weights(pretra
     assert hp["codec"]["init_args"]["fingerprint"] == model.codec.fingerprint and hp["codec"]["init_args"]["stats"] is None
     assert [e["fingerprint"] for e in hp["conditioning"]["init_args"]["encoders"]] == model.cond.fingerprints
     assert TextEncoders([TextEncoderSpec(str(pretrained["t5"]), fingerprint=model.cond.fingerprints[0])])
+
+
+def test_cached_latents_of_any_size_are_cut_to_whole_patches(pretrained) -> None:
+    """A latent side or frame count short of a whole patch (an image of odd size through the codec) is
+    cropped like a codec's output, not a crash."""
+    model = latent_flow(pretrained)
+    odd = [torch.randn(4, 9, 8), torch.randn(4, 6, 11)]  # two samples of other sizes: packed
+    (z,) = model.latents({"x_latent": odd})
+    assert [tuple(t.shape) for t in z] == [(4, 8, 8), (4, 6, 10)]
+    assert torch.isfinite(model.loss({"x_latent": odd, "txt": CAPTIONS[:2]}))

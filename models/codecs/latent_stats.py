@@ -90,7 +90,7 @@ class LatentStats:
         """
         mean, std = self.result()
         data = {"count": self.count, "mean": mean.tolist(), "std": std.tolist(), "fingerprint": fingerprint}
-        tmp = Path(f"{path}.tmp")
+        tmp = Path(f"{path}.{os.getpid()}.tmp")  # unique: two ranks may save the same merged file
         tmp.write_text(json.dumps(data, indent=1))
         os.replace(tmp, path)
 

@@ -37,6 +37,11 @@ class ImagePatches(Tokenizer):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.known_channels(), self.size, self.size)
 
+    def crop(self, latent: Tensor) -> Tensor:
+        """Drop trailing rows and columns short of a whole patch (latents a codec made of any image size)."""
+        h, w = latent.shape[-2] // self.patch * self.patch, latent.shape[-1] // self.patch * self.patch
+        return latent[..., :h, :w]
+
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         return pixel_media(self.size, self.patch, Strides.of(codec), key)
 

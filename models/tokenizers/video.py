@@ -49,6 +49,12 @@ class VideoPatches(Tokenizer):
     def latent_shape(self) -> tuple[int, ...]:
         return (self.known_channels(), self.frames, self.size, self.size)
 
+    def crop(self, latent: Tensor) -> Tensor:
+        """Drop trailing frames short of a whole tubelet and rows/columns short of a whole patch."""
+        t = latent.shape[-3] // self.tpatch * self.tpatch
+        h, w = latent.shape[-2] // self.patch * self.patch, latent.shape[-1] // self.patch * self.patch
+        return latent[..., :t, :h, :w]
+
     def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
         s = Strides.of(codec)
         media = pixel_media(self.size, self.patch, s, key)
