@@ -208,6 +208,12 @@ class Encoder:
         return result
 
 
+def media_options(transform: SampleTransform) -> dict[str, Any]:
+    """The media the shards hold, as the transform made them (checked against the model at training)."""
+    keys = ("size", "keep_aspect", "max_frames", "fps", "sample_rate", "max_seconds")
+    return {k: getattr(transform, k) for k in keys if isinstance(getattr(transform, k, None), (int, float, bool))}
+
+
 def write_atomic(path: Path, text: str) -> None:
     """Write text to path through a unique temporary file and a rename: readers never see half a file, and
     two ranks finishing at once may both write the same content."""
@@ -230,7 +236,7 @@ def describe(codec: PretrainedAutoencoder) -> dict:
 
 
 def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoencoder], text: TextEncoders | None,
-             specs: list[TextEncoderSpec]) -> dict:
+             specs: list[TextEncoderSpec], options: dict[str, Any]) -> dict:
     """Merge the per-shard statistics and write the stats files, index.json, classes.json and manifest.json."""
     stats = {key: LatentStats() for key in codecs}
     shards, bad = {}, 0
@@ -256,6 +262,7 @@ def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoenc
         write_atomic(out_dir / CLASSES_NAME, classes.read_text())
     manifest = {
         "sources": urls,
+        "options": options,
         "autoencoder": describe(codecs["x"]),
         **({"audio_autoencoder": describe(codecs["audio"])} if "audio" in codecs else {}),
         "text_encoders": [
@@ -344,7 +351,7 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
         log.info("encode: rank %d encoded %d samples in %.1f s (%.1f samples/s)", rank, total,
                  time.perf_counter() - start, total / max(time.perf_counter() - start, 1e-9))
     if all(is_done(out_dir, u) for u in urls):  # the last rank to finish writes the manifest
-        return finalize(out_dir, urls, codecs, text, specs)
+        return finalize(out_dir, urls, codecs, text, specs, media_options(transform))
     return None
 
 

@@ -10,6 +10,9 @@ condition uses the embeddings as they are. Nothing is decoded by a model here.
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -18,6 +21,10 @@ from datamodules.transforms import SampleTransform
 
 LATENT_FIELDS = {"latent.npy": "x_latent", "audio_latent.npy": "audio_latent"}
 """Stored field -> batch key, per generated stream."""
+MANIFEST_NAME = "manifest.json"
+MODEL_KEYS = {"autoencoder": "model.codec", "audio_autoencoder": "model.audio_codec",
+              "text_encoders": "model.conditioning.init_args.encoders"}
+"""What `shards encode` records making the shards -> the config key of the model's counterpart."""
 
 
 def as_tensor(value: object, where: str) -> torch.Tensor:
@@ -59,6 +66,29 @@ class CachedLatents(SampleTransform):
             out["txt_tokens"] = [as_tensor(embeddings[f"tokens_{i}"], where) for i in range(n)]
             out["txt_pooled"] = as_tensor(embeddings["pooled"], where)
         return {**out, **self.conditioning(decoded)}
+
+    def check_shards(self, urls: list[str]) -> None:
+        """The shards' manifest (written by ``shards encode``) against the model: latents from another
+        autoencoder, embeddings from other text encoders (or another order), or clips at another frame
+        or sample rate would train silently wrong, so each is one line naming both sides."""
+        manifest_path = Path(urls[0]).parent / MANIFEST_NAME
+        if "://" in urls[0] or not manifest_path.is_file():
+            return
+        manifest = json.loads(manifest_path.read_text())
+        made = {"autoencoder": (manifest.get("autoencoder") or {}).get("fingerprint"),
+                "audio_autoencoder": (manifest.get("audio_autoencoder") or {}).get("fingerprint"),
+                "text_encoders": [e.get("fingerprint") for e in manifest.get("text_encoders") or []] or None}
+        for name, wanted in self.spec.made_with.items():
+            if made.get(name) is not None and made[name] != wanted:
+                raise ValueError(f"{manifest_path}: the shards were made with {name} {made[name]}, but the model's "
+                                 f"({MODEL_KEYS[name]}) is {wanted}; re-encode the shards or point the model at the "
+                                 "models that made them")
+        options = manifest.get("options") or {}
+        for name in ("fps", "sample_rate"):
+            stated, model = options.get(name), getattr(self.spec, name)
+            if stated is not None and model is not None and stated != model:
+                raise ValueError(f"{manifest_path}: the shards hold {name}={stated}, the model's {name} is {model} "
+                                 f"(model.{name}); re-encode with --{name.replace('_', '-')} {model} or set model.{name}")
 
     def cost(self, sample: dict) -> int:
         """Tokens the model makes of the cached latents: latent steps along each axis over the

@@ -102,6 +102,7 @@ class ShardDataModule(lightning.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if isinstance(module, DescribesMedia):
             self.transform.follow(module.media_spec())
+            self.transform.check_shards(expand_shards(self.train_shards))
 
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
         """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""

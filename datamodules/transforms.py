@@ -45,6 +45,9 @@ class SampleTransform:
         """Take the generator's media spec: options the config left unset (None) follow it, stated ones are checked."""
         self.spec = spec
 
+    def check_shards(self, urls: list[str]) -> None:
+        """Refuse, in one line, shards the followed spec cannot train on (default: any)."""
+
     def option(self, name: str, stated: int | None, derived: int | None, default: int, multiple: bool = False) -> int:
         """Option ``name``: the stated value, checked against the model's (``derived``, None: the model has none),
         else the model's, else ``default``. ``multiple``: a multiple of the model's value is no contradiction."""

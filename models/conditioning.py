@@ -180,7 +180,14 @@ class PretrainedTextEncoder(ConditionModule):
         """Per caption, each encoder's (L_i, D_i) token states, and the (B, P) pooled vectors: cached
         (``txt_tokens``/``txt_pooled`` from encoded shards) or encoded now from ``txt``."""
         if "txt_tokens" in cond:
-            return [list(per_caption) for per_caption in cond["txt_tokens"]], torch.as_tensor(cond["txt_pooled"])
+            tokens, pooled = [list(per_caption) for per_caption in cond["txt_tokens"]], torch.as_tensor(cond["txt_pooled"])
+            widths = [t.shape[-1] for t in tokens[0]] if tokens else []
+            if widths != self.text.token_dims or pooled.shape[-1] != self.text.pooled_dim:
+                raise ValueError(f"cached caption embeddings have token widths {widths} and a pooled width "
+                                 f"{pooled.shape[-1]}; the model's text encoders (model.conditioning) give "
+                                 f"{self.text.token_dims} and {self.text.pooled_dim}: encode the shards with the same "
+                                 "--text-encoder list, in the same order")
+            return tokens, pooled
         encoded = self.text.encode(list(cond["txt"]))
         per_encoder = [encoded.unpadded(i) for i in range(len(encoded.tokens))]
         return [list(per_caption) for per_caption in zip(*per_encoder)], encoded.pooled

@@ -140,7 +140,13 @@ class FlowMatchingModule(RunState, L.LightningModule):
             part = tok.media(codec, key)
             sources.update(part.pop("sources", {}))
             fields.update(part)
-        return MediaSpec(**fields, sources=sources)
+        made_with: dict[str, Any] = {}
+        for name, codec in zip(("autoencoder", "audio_autoencoder"), self.codecs):
+            if getattr(codec, "fingerprint", None):
+                made_with[name] = codec.fingerprint
+        if getattr(self.cond, "fingerprints", None):
+            made_with["text_encoders"] = list(self.cond.fingerprints)
+        return MediaSpec(**fields, made_with=made_with, sources=sources)
 
     # ---- the model -------------------------------------------------------------------
 

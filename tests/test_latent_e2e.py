@@ -97,3 +97,44 @@ def test_media_to_latent_shards_to_training_to_samples(modality: str, pretrained
     else:
         wave, rate = soundfile.read(next(out.glob("*.wav")))
         assert rate == 8000 and len(wave) == 32 * 8 and np.isfinite(wave).all()  # 32 latent frames x hop 8
+
+
+@pytest.mark.parametrize("mismatch", ["text encoders", "autoencoder", "fps"])
+def test_latent_shards_made_with_other_models_or_rates_are_refused_in_one_line(
+        mismatch: str, pretrained, latent_shards, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    modality = "audiovideo" if mismatch == "fps" else "image"
+    pipeline, shards = latent_shards(modality)
+    encoder = {"path": str(pretrained["t5"]), "max_length": 16}
+    args = ["fit", "--config", str(ROOT / f"configs/{modality}/latent.yaml"), "--runs_dir", str(tmp_path / "runs"),
+            "--trainer.fast_dev_run", "1", "--trainer.accelerator", "cpu", "--trainer.precision", "32-true",
+            "--trainer.logger", "false", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--data.train_shards", str(shards / "*.tar"), "--model.init_args.codec.init_args.path", str(pipeline),
+            "--model.init_args.codec.init_args.dtype", "float32", "--model.init_args.backbone.dim", "32",
+            "--model.init_args.backbone.heads", "2", "--model.init_args.backbone.depth_dual", "1",
+            "--model.init_args.backbone.depth_single", "1"]
+    if modality == "audiovideo":
+        args += ["--model.init_args.audio_codec.init_args.path", str(pipeline / "sound"), "--model.init_args.fps", "16",
+                 "--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                 "--model.init_args.audio_tokenizer.patch", "8"]
+    else:
+        args += ["--model.init_args.tokenizer.size", "8"]
+    if mismatch == "text encoders":
+        encoder = {"path": str(pretrained["bert"])}
+    if mismatch == "autoencoder":  # the same architecture, other weights: another autoencoder
+        other = tmp_path / "other"
+        shutil.copytree(pipeline / "vae", other / "vae")
+        config = json.loads((other / "vae" / "config.json").read_text())
+        (other / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 2.5}))
+        args[args.index(str(pipeline))] = str(other)
+    args += ["--model.init_args.conditioning.init_args.encoders", json.dumps([encoder]),
+             "--model.init_args.codec.init_args.stats", str(shards / "latent-stats.json")]
+    if modality == "audiovideo":
+        args += ["--model.init_args.audio_codec.init_args.stats", str(shards / "audio-latent-stats.json")]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    line = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "Traceback" not in err
+    expected = {"text encoders": ("manifest.json", "text_encoders"), "fps": ("manifest.json", "fps=8"),
+                # the statistics measured with the other autoencoder stop it first, the manifest would next
+                "autoencoder": ("latent-stats.json", "was measured with autoencoder")}[mismatch]
+    assert all(part in line[0] for part in expected), line[0]

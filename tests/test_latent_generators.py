@@ -4,6 +4,7 @@ fingerprints but not the pretrained weights."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import torch
@@ -109,3 +110,27 @@ def test_cached_latents_of_any_size_are_cut_to_whole_patches(pretrained) -> None
     (z,) = model.latents({"x_latent": odd})
     assert [tuple(t.shape) for t in z] == [(4, 8, 8), (4, 6, 10)]
     assert torch.isfinite(model.loss({"x_latent": odd, "txt": CAPTIONS[:2]}))
+
+
+def test_cached_latents_check_the_shards_manifest_against_the_model(tmp_path: Path) -> None:
+    import json
+
+    import pytest
+
+    from datamodules.latents import CachedLatents
+    from datamodules.media.spec import MediaSpec
+
+    (tmp_path / "manifest.json").write_text(json.dumps({
+        "autoencoder": {"fingerprint": "aaa-bbb"}, "text_encoders": [{"fingerprint": "t1"}, {"fingerprint": "t2"}],
+        "options": {"fps": 8}}))
+    shards = [str(tmp_path / "x.tar")]
+    ok = CachedLatents(text=True)
+    ok.follow(MediaSpec(fps=8, made_with={"autoencoder": "aaa-bbb", "text_encoders": ["t1", "t2"]}))
+    ok.check_shards(shards)
+    for made_with, fps, words in (({"autoencoder": "ccc-ddd"}, 8, "autoencoder aaa-bbb"),
+                                  ({"text_encoders": ["t2", "t1"]}, 8, "text_encoders ['t1', 't2']"),
+                                  ({}, 16, "fps=8")):
+        t = CachedLatents()
+        t.follow(MediaSpec(fps=fps, made_with=made_with))
+        with pytest.raises(ValueError, match=re.escape(words)):
+            t.check_shards(shards)

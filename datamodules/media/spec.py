@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Protocol, TypeVar, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 T = TypeVar("T")
 
@@ -83,6 +83,9 @@ class MediaSpec:
     """Audio sample rate (Hz)."""
     samples: TokenAxis = TokenAxis()
     """Along an audio waveform; ``samples.stride`` is the codec's hop."""
+    made_with: Mapping[str, Any] = field(default_factory=dict, compare=False)
+    """Fingerprints of the pretrained models cached data must come from: ``autoencoder``,
+    ``audio_autoencoder`` (str) and ``text_encoders`` (list, in order); empty without pretrained models."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Field -> where the model takes it from (config keys), for error messages."""
 
