@@ -31,6 +31,10 @@ class ConditionModule(nn.Module):
         """Conditions for `num` preview samples that show what the model learned."""
         return {}
 
+    def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """The conditions of a whole sampling run, with what need not be recomputed at every step done once."""
+        return cond
+
 
 class Condition:
     """Base of the condition configs (a plain base class so YAML can pick one by class_path)."""
@@ -175,6 +179,13 @@ class PretrainedTextEncoder(ConditionModule):
 
     def preview(self, num: int) -> dict[str, Any]:
         return {"txt": [self.prompts[i % len(self.prompts)] for i in range(num)]}
+
+    def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
+        """Captions encoded once for a sampling run (the ODE calls the model at every step, twice with CFG)."""
+        if "txt_tokens" in cond or "txt" not in cond:
+            return cond
+        tokens, pooled = self.embeddings(cond)
+        return {**cond, "txt_tokens": tokens, "txt_pooled": pooled}
 
     def embeddings(self, cond: dict[str, Any]) -> tuple[list[list[Tensor]], Tensor]:
         """Per caption, each encoder's (L_i, D_i) token states, and the (B, P) pooled vectors: cached

@@ -297,6 +297,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
             return torch.cat([v.flatten(1) for v in vs], dim=1)
 
         keep = torch.zeros(num, dtype=torch.bool, device=self.device)
+        cond = self.cond.prepare(cond)  # e.g. captions encoded once, not at every ODE step
         both = {k: (list(v) * 2 if isinstance(v, (list, tuple)) else torch.cat([v, v])) for k, v in cond.items()}
         both_drop = torch.cat([keep, ~keep])
 

@@ -23,6 +23,7 @@ each part is the first 12 hex digits of a sha256, so a mismatch names the part t
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import hashlib
 import importlib
@@ -128,8 +129,9 @@ def folder_fingerprint(folder: Path, tokenizer_folder: Path | None = None) -> st
     return "-".join(p[:DIGITS] for p in parts)
 
 
-def check_fingerprint(path: str, subfolder: str | None, expected: str, tokenizer_subfolder: str | None = None) -> None:
-    """Raise one line unless ``path/subfolder`` still holds the files that gave ``expected``.
+def check_fingerprint(path: str, subfolder: str | None, expected: str, tokenizer_subfolder: str | None = None) -> str:
+    """Raise one line unless ``path/subfolder`` still holds the files that gave ``expected``; returns the
+    fingerprint found (the files are read once: a loader that checks needs no second hash).
 
     A three-part ``expected`` (a text encoder's) also covers the tokenizer files, found in
     ``tokenizer_subfolder`` (default: the model's own folder).
@@ -152,6 +154,13 @@ def check_fingerprint(path: str, subfolder: str | None, expected: str, tokenizer
             f"pretrained folder {str(folder)!r} changed: {' and '.join(differ)} differ (fingerprint {'-'.join(found)}, "
             f"expected {expected}); restore the original files, or re-encode/retrain with the new ones"
         )
+    return "-".join(found)
+
+
+def no_autocast(device: torch.device) -> contextlib.AbstractContextManager:
+    """Frozen models run in the dtype their config asks for, not under the trainer's autocast (bf16-mixed
+    would change cached vs on-the-fly numbers, and fp16 autocast overflows T5)."""
+    return torch.autocast(device.type, enabled=False)
 
 
 class FrozenModules(nn.Module):
@@ -162,6 +171,10 @@ class FrozenModules(nn.Module):
     ``state_dict()``, ``parameters()`` and ``train()``; ``_apply`` (behind ``.to``, ``.cuda``,
     ``.double``, ...) is extended so that moving a parent moves the held models too.
     """
+
+    shared: tuple[str, ...] = ("_held",)
+    """Attributes a deep copy shares (as new lists of the same objects): the held models, and whatever
+    else refers to them (a subclass adds those names)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -179,7 +192,7 @@ class FrozenModules(nn.Module):
         clone = self.__class__.__new__(self.__class__)
         memo[id(self)] = clone
         for name, value in self.__dict__.items():
-            clone.__dict__[name] = list(value) if name == "_held" else copy.deepcopy(value, memo)
+            clone.__dict__[name] = list(value) if name in self.shared else copy.deepcopy(value, memo)
         return clone
 
     def _apply(self, fn: Callable, recurse: bool = True) -> FrozenModules:

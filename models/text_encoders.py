@@ -36,6 +36,7 @@ from models.pretrained_files import (
     check_fingerprint,
     folder_fingerprint,
     model_folder,
+    no_autocast,
     read_config,
     resolve_path,
     torch_dtype,
@@ -162,9 +163,9 @@ class TextEncoder:
         self.spec = spec
         self.kind = spec.kind or detect_kind(spec.folder, config)
         self.normalize_pooled = self.kind == "mean_pooled" and "Normalize" in sentence_transformer_modules(spec.folder)
-        if spec.fingerprint:
-            check_fingerprint(spec.path, spec.subfolder, spec.fingerprint, spec.tokenizer_subfolder)
-        self.fingerprint = folder_fingerprint(spec.folder, spec.tokenizer_folder)
+        found = (check_fingerprint(spec.path, spec.subfolder, spec.fingerprint, spec.tokenizer_subfolder)
+                 if spec.fingerprint else None)
+        self.fingerprint = found or folder_fingerprint(spec.folder, spec.tokenizer_folder)
         kind = KINDS[self.kind]
         name = T5_CLASSES.get(config.get("model_type"), kind.model_class) if self.kind == "t5" else kind.model_class
         root = resolve_path(spec.path)
@@ -189,7 +190,8 @@ class TextEncoder:
             captions, padding="longest", truncation=True, max_length=self.spec.max_length, return_tensors="pt",
         )
         ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.spec.layer is not None)
+        with no_autocast(device):
+            out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.spec.layer is not None)
         hidden = out.last_hidden_state if self.spec.layer is None else out.hidden_states[self.spec.layer]
         tokens = hidden.float() * mask[..., None]  # (B, L, D), padding zeroed
         pooled = KINDS[self.kind].pooled(out, tokens, mask).float()
@@ -204,6 +206,8 @@ class TextEncoders(FrozenModules):
     Args:
         encoders: One spec per encoder, in the order their pooled vectors are concatenated.
     """
+
+    shared = ("_held", "encoders")  # each TextEncoder holds its model: a copy shares them too
 
     def __init__(self, encoders: list[TextEncoderSpec]):
         super().__init__()

@@ -134,3 +134,16 @@ def test_cached_latents_check_the_shards_manifest_against_the_model(tmp_path: Pa
         t.follow(MediaSpec(fps=fps, made_with=made_with))
         with pytest.raises(ValueError, match=re.escape(words)):
             t.check_shards(shards)
+
+
+def test_sampling_encodes_the_captions_once(pretrained, monkeypatch) -> None:
+    """The ODE calls the model at every step, twice with guidance: the text encoders run once per sampling run,
+    and the samples equal those from captions encoded beforehand (the cached form)."""
+    model = latent_flow(pretrained).eval()
+    calls = []
+    encode = model.cond.text.encode
+    monkeypatch.setattr(model.cond.text, "encode", lambda captions: calls.append(captions) or encode(captions))
+    live = model.generate({"txt": CAPTIONS[:2]}, 2, steps=3, cfg_scale=3.0, seed=1)
+    assert len(calls) <= 2  # the captions once (and the empty caption once, for the null condition)
+    cached = model.generate(model.cond.prepare({"txt": CAPTIONS[:2]}), 2, steps=3, cfg_scale=3.0, seed=1)
+    torch.testing.assert_close(live, cached)

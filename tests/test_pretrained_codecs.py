@@ -275,3 +275,13 @@ def test_builds_from_a_class_path_config(folders):
     config = parser.parse_object({"codec": {"class_path": "models.codecs.pretrained.PretrainedAutoencoder", "init_args": init_args}})
     codec = parser.instantiate(config).codec
     assert isinstance(codec, PretrainedAutoencoder) and codec.autoencoder.dtype == torch.bfloat16 and codec.autoencoder.use_slicing
+
+
+def test_the_trainers_autocast_does_not_reach_the_frozen_autoencoder(folders):
+    """Under bf16 autocast (a bf16-mixed run) the float32 autoencoder still encodes in float32: on-the-fly latents
+    equal the float32 cache."""
+    codec = load(folders, "kl")
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = codec.encode_raw(x)
+    torch.testing.assert_close(mixed, codec.encode_raw(x), rtol=0, atol=0)

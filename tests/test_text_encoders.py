@@ -209,3 +209,13 @@ def test_builds_from_a_class_path_config(folders):
     config = parser.parse_object({"text": {"class_path": "models.text_encoders.TextEncoders", "init_args": {"encoders": specs}}})
     encoders = parser.instantiate(config).text
     assert [e.kind for e in encoders.encoders] == ["clip_projection", "t5"] and encoders.encoders[0].spec.layer == -2
+
+
+def test_a_deep_copy_shares_the_frozen_models(folders):
+    """Copies (EMA, evaluation) share the frozen encoders: no second model in memory, and moving one moves the same models."""
+    import copy
+
+    encoders = TextEncoders([t5_spec(folders, max_length=16)])
+    clone = copy.deepcopy(encoders)
+    assert clone.encoders[0].model is encoders.encoders[0].model is clone._held[0]
+    torch.testing.assert_close(clone.encode(["a red circle"]).pooled, encoders.encode(["a red circle"]).pooled)

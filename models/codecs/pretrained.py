@@ -40,6 +40,7 @@ from models.pretrained_files import (
     check_fingerprint,
     folder_fingerprint,
     model_folder,
+    no_autocast,
     read_config,
     torch_dtype,
 )
@@ -212,16 +213,15 @@ class PretrainedAutoencoder(FrozenModules):
                 sample/evaluate stop with one line if the folder changed); None = not checked.
         """
         super().__init__()
-        if fingerprint:
-            check_fingerprint(path, subfolder, fingerprint)
         folder = model_folder(path, subfolder)
+        found = check_fingerprint(path, subfolder, fingerprint) if fingerprint else None
         name = read_config(folder, " by diffusers (an autoencoder)").get("_class_name")
         if name not in FAMILIES:
             raise ValueError(f"PretrainedAutoencoder: {str(folder)!r} holds {name!r}; expected one of {', '.join(FAMILIES)}")
         self.family, self.path, self.subfolder, self.sample = FAMILIES[name], path, subfolder, sample
         if sample and not self.family.stochastic:
             raise ValueError(f"PretrainedAutoencoder: sample=True, but {name} is deterministic; expected sample=False")
-        self.fingerprint = folder_fingerprint(folder)
+        self.fingerprint = found or folder_fingerprint(folder)
         model = getattr(diffusers, name).from_pretrained(
             str(model_folder(path)), subfolder=subfolder, torch_dtype=torch_dtype(dtype, "PretrainedAutoencoder"), local_files_only=True,
         )
@@ -313,13 +313,16 @@ class PretrainedAutoencoder(FrozenModules):
         """Media -> the autoencoder's own latent (not normalised), in the buffers' dtype."""
         model, media = self.autoencoder, self.family.media
         x = media.to_model(media.crop(x, self.geometry).to(self.device, model.dtype), model)
-        return self.family.latent(model, x, self.sample, generator).to(self.latent_mean.dtype)
+        with no_autocast(x.device):
+            return self.family.latent(model, x, self.sample, generator).to(self.latent_mean.dtype)
 
     @torch.no_grad()
     def decode_raw(self, z: Tensor) -> Tensor:
         """The autoencoder's own latent -> media, in the buffers' dtype."""
         model = self.autoencoder
-        return self.family.media.from_model(model.decode(z.to(self.device, model.dtype)).sample).to(self.latent_mean.dtype)
+        with no_autocast(self.device):
+            decoded = model.decode(z.to(self.device, model.dtype)).sample
+        return self.family.media.from_model(decoded).to(self.latent_mean.dtype)
 
     def encode(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         """Media -> normalised latent (what the flow is trained on)."""
