@@ -223,6 +223,23 @@ def write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+JOB_NAME = "encode-job.json"
+
+
+def same_job(out_dir: Path, job: dict[str, Any]) -> None:
+    """Record what OUT is encoded with (inputs, options, model fingerprints) at the first run; a re-run
+    (a resume, another rank) with anything else is refused in one line rather than mixing two encodings."""
+    path = out_dir / JOB_NAME
+    if not path.is_file():
+        write_atomic(path, json.dumps(job, indent=1) + "\n")
+        return
+    recorded = json.loads(path.read_text())
+    differ = [key for key in sorted(set(recorded) | set(job)) if recorded.get(key) != job.get(key)]
+    if differ:
+        raise UserError(f"{out_dir} holds an encode with other {', '.join(differ)} ({path}); re-run it with the same "
+                        "source, options and models to resume, or encode into a new folder")
+
+
 def is_done(out_dir: Path, url: str) -> bool:
     return (out_dir / f"{output_stem(url)}.done.json").is_file()
 
@@ -336,9 +353,13 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
     for stale in out_dir.glob(".*.tmp-*.tar"):  # a killed run's half shard of one of ours: redone below
         if any(stale.name.startswith(f".{output_stem(u)}.tmp-") for u in my_shards(urls, rank, world)):
             stale.unlink()
-    todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
     transform = media_transform(codec, audio_codec, size, keep_aspect, max_frames, sample_rate, fps, max_seconds,
                                 min_seconds)
+    same_job(out_dir, {"sources": names, "options": media_options(transform),
+                       **{name: codecs[key].fingerprint for key, name in (("x", "autoencoder"), ("audio", "audio_autoencoder"))
+                          if key in codecs},
+                       "text_encoders": text.fingerprints if text is not None else []})
+    todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
     total = sum(count_samples(todo).values()) if todo else 0
     log.info("encode: rank %d/%d, %d of %d input shards to do (%d samples) on %s", rank, world, len(todo),
              len(urls), total, device)

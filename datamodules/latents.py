@@ -91,8 +91,8 @@ class CachedLatents(SampleTransform):
                                  f"(model.{name}); re-encode with --{name.replace('_', '-')} {model} or set model.{name}")
 
     def cost(self, sample: dict) -> int:
-        """Tokens the model makes of the cached latents: latent steps along each axis over the
-        tokenizer's patch (the spec's axes at stride 1: the autoencoder already ran)."""
+        """Tokens of the sample: its cached latents' (latent steps along each axis over the tokenizer's
+        patch: the autoencoder already ran) plus its caption's, which are packed into the sequence too."""
         total = 0
         for key in LATENT_FIELDS.values():
             if key not in sample:
@@ -105,4 +105,4 @@ class CachedLatents(SampleTransform):
             for n, axis in zip(dims, axes[len(dims)]):
                 tokens *= n // axis.patch
             total += tokens
-        return total
+        return total + sum(len(t) for t in sample.get("txt_tokens", []))  # caption tokens are packed in too

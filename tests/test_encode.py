@@ -196,3 +196,16 @@ def test_a_kill_after_a_shard_is_renamed_but_before_it_is_done_loses_nothing(pre
     manifest = encode_shards(str(src), str(tmp_path / "lat"), **kl_args(pretrained), progress=False)
     on_disk = {p.name for p in finished_shards(tmp_path / "lat")}
     assert set(manifest["shards"]) == on_disk and manifest["samples"] == 8 == len(stored_samples(tmp_path / "lat"))
+
+
+def test_resuming_with_other_options_or_models_is_refused(pretrained, image_media, tmp_path: Path) -> None:
+    from app.errors import UserError
+
+    out = str(tmp_path / "lat")
+    encode_shards(str(image_media), out, **kl_args(pretrained), progress=False)
+    with pytest.raises(UserError, match=r"other options"):
+        encode_shards(str(image_media), out, **{**kl_args(pretrained), "size": 32}, progress=False)
+    with pytest.raises(UserError, match=r"other text_encoders"):
+        encode_shards(str(image_media), out, **kl_args(pretrained), progress=False,
+                      text_encoders=[TextEncoderSpec(str(pretrained["t5"]))])
+    assert encode_shards(str(image_media), out, **kl_args(pretrained), progress=False)["samples"] == 30  # same: fine

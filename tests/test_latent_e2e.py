@@ -138,3 +138,29 @@ def test_latent_shards_made_with_other_models_or_rates_are_refused_in_one_line(
                 # the statistics measured with the other autoencoder stop it first, the manifest would next
                 "autoencoder": ("latent-stats.json", "was measured with autoencoder")}[mismatch]
     assert all(part in line[0] for part in expected), line[0]
+
+
+def test_latents_through_the_shards_equal_latents_encoded_in_the_data_path(latent_shards, synthetic_shards) -> None:
+    """The cache, read as training reads it (CachedLatents over `shards encode` output), gives the model the
+    same latents as the autoencoder encoding the media in the training step (the transform following the model)."""
+    from datamodules.latents import CachedLatents
+    from datamodules.shards import read_samples
+    from datamodules.transforms import ImageTransform
+    from models.backbone import MMDiTConfig
+    from models.codecs.pretrained import PretrainedAutoencoder
+    from models.conditioning import ClassLabel
+    from models.generators import ImageFlow
+    from models.tokenizers.image import ImagePatches
+
+    pipeline, latents = latent_shards("image")
+    codec = PretrainedAutoencoder(str(pipeline), subfolder="vae", stats=str(latents / "latent-stats.json"))
+    model = ImageFlow(tokenizer=ImagePatches(size=8, patch=2), codec=codec, conditioning=ClassLabel(4),
+                      backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1))
+    media, cached = ImageTransform(), CachedLatents()
+    for transform in (media, cached):
+        transform.follow(model.media_spec())
+    live = read_samples(str(synthetic_shards("image")), media, 12)
+    stored = read_samples(str(latents), cached, 12)
+    assert live["__key__"] == stored["__key__"] and live["x"].shape == (12, 3, 16, 16)
+    torch.testing.assert_close(model.latents(stored)[0], model.latents(live)[0], atol=1e-5, rtol=1e-5)
+    assert model.latents(stored)[0].abs().mean() > 0.1  # normalised latents, not zeros
