@@ -45,6 +45,7 @@ from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
 from datamodules.decoders import BadSample, decode_sample
+from datamodules.media.spec import MediaSpec, TokenAxis
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
 from datamodules.video import VideoTransform
@@ -99,13 +100,19 @@ def media_transform(codec: PretrainedAutoencoder, audio_codec: PretrainedAutoenc
     """The transform of the codec's media kind (audio-video with an audio codec); sizes rounded to what
     the autoencoder needs, audio at the audio autoencoder's own rate."""
     media = codec.family.media
+    # clips cut to frames the codec keeps whole (a causal one: 1 + k m), so a soundtrack is cut to the same span
+    frames = MediaSpec(time=TokenAxis(stride=codec.temporal_factor, causal=codec.causal))
     if audio_codec is not None:
         if not isinstance(media, VideoMedia) or not isinstance(audio_codec.family.media, AudioMedia):
             raise UserError("--audio-autoencoder: expected a video --autoencoder and an audio --audio-autoencoder")
-        return AudioVideoTransform(size=size, max_frames=max_frames, frame_multiple=1, fps=fps,
-                                   sample_rate=sample_rate or audio_codec.native_sample_rate)
+        transform = AudioVideoTransform(size=size, max_frames=max_frames, fps=fps,
+                                        sample_rate=sample_rate or audio_codec.native_sample_rate)
+        transform.follow(frames)
+        return transform
     if isinstance(media, VideoMedia):
-        return VideoTransform(size=size, max_frames=max_frames, frame_multiple=1)  # the codec keeps 1 + k n frames
+        transform = VideoTransform(size=size, max_frames=max_frames)
+        transform.follow(frames)
+        return transform
     if isinstance(media, AudioMedia):
         rate = sample_rate or codec.native_sample_rate
         if not rate:

@@ -102,7 +102,6 @@ class ShardDataModule(lightning.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if isinstance(module, DescribesMedia):
             self.transform.follow(module.media_spec())
-            self.transform.check_shards(expand_shards(self.train_shards))
 
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
         """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""
@@ -154,7 +153,9 @@ class ShardDataModule(lightning.LightningDataModule):
 
     def train_dataloader(self) -> DataLoader:
         rank, world_size = dist_info()
-        urls, batches = self.batches_per_rank(expand_shards(self.train_shards), world_size)
+        urls = expand_shards(self.train_shards)
+        self.transform.check_shards(urls)  # e.g. latent shards made by other models than the model's: one line
+        urls, batches = self.batches_per_rank(urls, world_size)
         start = self.resume_from(batches, world_size)
         self._consumed = {w: (start["epoch"], n) for w, n in enumerate(start["done"])} if start else {}
         return self._loader(EpochBatches(self.train_stream(urls, rank, world_size), batches, start))

@@ -103,8 +103,9 @@ class VideoTransform(SampleTransform):
     Frames are resized like ``ImageTransform`` (shorter side to ``size``, then centre crop).
     Long clips are truncated, keeping the first
     ``T = (min(frames, max_frames) // frame_multiple) * frame_multiple`` frames, so that the
-    clip splits into whole temporal patches; a clip with fewer than ``frame_multiple`` frames
-    is a BadSample (counted and skipped by the pipeline like any other).
+    clip splits into whole temporal patches (a causal video codec's model: 1 + k m frames, the
+    first frame alone, as Wan and LTX encode them); a clip with fewer frames than one token
+    needs is a BadSample (counted and skipped by the pipeline like any other).
 
     Args:
         size: Output side in pixels; None: the model's (16 alone).
@@ -148,7 +149,8 @@ class VideoTransform(SampleTransform):
         if not isinstance(clip, np.ndarray) or clip.ndim != 4 or clip.shape[-1] != 3:
             got = f"shape {clip.shape}" if isinstance(clip, np.ndarray) else type(clip).__name__
             raise BadSample(f"{where}: expected a (T, H, W, 3) clip, got {got}")
-        frames = min(len(clip), self.max_frames) // self.frame_multiple * self.frame_multiple
+        n = min(len(clip), self.max_frames)
+        frames = self.spec.time.keep(n) if self.spec.time.causal else n // self.frame_multiple * self.frame_multiple
         if frames == 0:
             raise BadSample(f"{where}: {len(clip)} frames, expected at least frame_multiple={self.frame_multiple}")
         t, h, w, _ = clip[:frames].shape

@@ -120,13 +120,6 @@ class AudioFlow(FlowMatchingModule):
         return media_audio.save_audio(x, out_dir, self.sample_rate, prefix)
 
 
-def video_frames_of(latent_frames: int, codec: nn.Module | None) -> int:
-    """Video frames that ``latent_frames`` decode to: 1 + s (n - 1) for a causal video codec of temporal
-    factor s (Wan, LTX), n for pixels (s = 1)."""
-    s = int(getattr(codec, "temporal_factor", 1))
-    return 1 + s * (latent_frames - 1)
-
-
 class AudioVideoFlow(FlowMatchingModule):
     """Joint video + audio generator: streams [video, audio, context] in one MM-DiT, each with its own
     weights in the dual-stream blocks and one joint attention over all of them (cross-modal both ways),
@@ -161,7 +154,7 @@ class AudioVideoFlow(FlowMatchingModule):
             Other arguments as FlowMatchingModule.
         """
         _, codec, rate = audio_stream(audio_tokenizer, audio_codec, sample_rate, ("model.audio_tokenizer", "model.audio_codec"))
-        video_frames = video_frames_of(tokenizer.frames, kwargs.get("codec"))
+        video_frames = tokenizer.media(kwargs.get("codec"), "model.tokenizer")["frames"]  # a causal codec: 1 + k (F - 1)
         expected = video_frames * rate / fps / codec.hop  # latent audio frames as long as the video
         stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
         if stated is not None and abs(stated - expected) > patch:
@@ -180,8 +173,8 @@ class AudioVideoFlow(FlowMatchingModule):
         """Audio token index (B, N, 1) -> (B, N, 3) positions (t, 0, 0), t in video tokens (tubelets).
 
         A token's time is the centre of its latent audio frames (frame f centred on sample f * hop);
-        video frame i is shown at i / fps; a video codec of temporal factor s (1: pixels) makes latent
-        frame i of frames s i - s + 1 .. s i (the first frame alone: causal), centred on s i - (s - 1) / 2;
+        video frame i is shown at i / fps; a causal video codec of temporal factor s (1: pixels) makes
+        latent frame i of frames s i - s + 1 .. s i (the first frame alone), centred on s i - (s - 1) / 2;
         video token j spans latent frames j k .. j k + k - 1 (k = tpatch)."""
         patch, hop, k = self.tokenizers[1].patch, self.codecs[1].hop, self.tokenizer.tpatch
         s = int(getattr(self.codec, "temporal_factor", 1))

@@ -113,8 +113,10 @@ def test_two_ranks_split_the_work_without_overlap(pretrained, image_media, tmp_p
 
 
 def finished_shards(folder: Path) -> list[Path]:
-    """Complete output shards (temporaries are hidden: .<stem>.tmp-*.tar)."""
-    return [p for p in folder.glob("*.tar") if not p.name.startswith(".")] if folder.is_dir() else []
+    """Output shards marked done (a shard is done once its <stem>.done.json exists: written last)."""
+    if not folder.is_dir():
+        return []
+    return [p for p in folder.glob("*.tar") if not p.name.startswith(".") and p.with_suffix(".done.json").is_file()]
 
 
 def test_a_killed_encode_resumes_and_never_rewrites_finished_shards(pretrained, tmp_path) -> None:

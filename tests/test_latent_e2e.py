@@ -164,3 +164,32 @@ def test_latents_through_the_shards_equal_latents_encoded_in_the_data_path(laten
     assert live["__key__"] == stored["__key__"] and live["x"].shape == (12, 3, 16, 16)
     torch.testing.assert_close(model.latents(stored)[0], model.latents(live)[0], atol=1e-5, rtol=1e-5)
     assert model.latents(stored)[0].abs().mean() > 0.1  # normalised latents, not zeros
+
+
+def test_a_causal_video_codec_keeps_1_plus_4m_frames_and_the_audio_of_the_same_span(pretrained, synthetic_shards) -> None:
+    """Wan encodes the first frame alone, then 4 at a time: the data cuts clips to 1 + 4m frames (not 4m, which the
+    codec would cut again), the model samples that many, and a soundtrack is cut to exactly those frames."""
+    from datamodules.audiovideo import AudioVideoTransform
+    from datamodules.shards import read_samples
+    from models.backbone import MMDiTConfig
+    from models.codecs.pretrained import PretrainedAutoencoder
+    from models.conditioning import ClassLabel
+    from models.generators import AudioVideoFlow
+    from models.tokenizers.audio import AudioFrames
+    from models.tokenizers.video import VideoPatches
+
+    wan, oobleck = PretrainedAutoencoder(str(pretrained["wan"])), PretrainedAutoencoder(str(pretrained["oobleck"]))
+    model = AudioVideoFlow(tokenizer=VideoPatches(frames=2, size=4, patch=2), audio_tokenizer=AudioFrames(patch=8),
+                           codec=wan, audio_codec=oobleck, fps=8, conditioning=ClassLabel(4),
+                           backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1))
+    spec = model.media_spec()
+    assert spec.frames == 5 and spec.time.causal and spec.time.keep(8) == 5 and spec.time.keep(9) == 9
+    transform = AudioVideoTransform()
+    transform.follow(spec)
+    batch = read_samples(str(synthetic_shards("audiovideo")), transform, 6)  # clips of 4 to 12 frames
+    for clip, wave in zip(batch["x"], batch["audio"]):
+        t = clip.shape[1]
+        assert (t - 1) % 4 == 0 and wan.encode_raw(clip[None]).shape[2] == 1 + (t - 1) // 4  # nothing cut again
+        assert len(wave) == round(t * 8000 / 8)  # the soundtrack of exactly the kept frames
+    assert model.tokenizers[1].frames == round(5 * 8000 / 8 / 8 / 8) * 8  # audio latent frames as long as 5 frames
+    assert torch.isfinite(model.loss(batch))

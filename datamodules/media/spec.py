@@ -52,14 +52,34 @@ class TokenAxis:
     """Latent steps per token: the tokenizer's patch (tpatch along time)."""
     extra: int = 0
     """Latent steps the codec adds to n // stride (MelCodec's centred STFT: 1)."""
+    causal: bool = False
+    """The first step alone makes a latent step, then every ``stride`` (causal video autoencoders: Wan,
+    LTX keep 1 + stride m frames and make 1 + m latent frames)."""
 
     @property
     def multiple(self) -> int:
         """Media steps per token: a length that is a multiple of it tokenizes whole."""
         return self.stride * self.patch
 
+    def latent(self, n: int) -> int:
+        """Latent steps of n media steps."""
+        if self.causal:
+            return 1 + (n - 1) // self.stride if n > 0 else 0
+        return n // self.stride + self.extra
+
     def tokens(self, n: int) -> int:
-        return (n // self.stride + self.extra) // self.patch
+        return self.latent(n) // self.patch
+
+    def keep(self, n: int) -> int:
+        """The longest length up to n that tokenizes whole (0: none does)."""
+        if not self.causal:
+            return n // self.multiple * self.multiple
+        latent = self.latent(n) // self.patch * self.patch
+        return 1 + self.stride * (latent - 1) if latent else 0
+
+    def span(self, latent: int) -> int:
+        """Media steps that ``latent`` latent steps decode to."""
+        return 1 + self.stride * (latent - 1) if self.causal else latent * self.stride
 
 
 @dataclass(frozen=True)

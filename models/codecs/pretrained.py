@@ -273,6 +273,11 @@ class PretrainedAutoencoder(FrozenModules):
         return self.geometry.temporal
 
     @property
+    def causal(self) -> bool:
+        """Video autoencoders here encode the first frame alone, then temporal_factor frames per latent frame."""
+        return isinstance(self.family.media, VideoMedia) and self.geometry.temporal > 1
+
+    @property
     def hop(self) -> int:
         return self.geometry.hop
 

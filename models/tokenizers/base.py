@@ -30,11 +30,14 @@ class Strides:
     """Audio samples per latent frame."""
     extra_frames: int = 0
     """Latent frames beyond samples // hop (a centred STFT adds one)."""
+    causal: bool = False
+    """The codec encodes the first frame alone, then temporal frames at a time (Wan, LTX)."""
 
     @classmethod
     def of(cls, codec: nn.Module | None) -> Strides:
         return cls(*(int(getattr(codec, name, default)) for name, default in
-                     (("spatial_factor", 1), ("temporal_factor", 1), ("hop", 1), ("extra_frames", 0))))
+                     (("spatial_factor", 1), ("temporal_factor", 1), ("hop", 1), ("extra_frames", 0))),
+                   causal=bool(getattr(codec, "causal", False)))
 
 
 def by_factor(factor: int, what: str) -> str:

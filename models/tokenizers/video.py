@@ -60,7 +60,8 @@ class VideoPatches(Tokenizer):
         media = pixel_media(self.size, self.patch, s, key)
         k, by = s.temporal, by_factor(s.temporal, "temporal")
         media["sources"].update(frames=f"{key}.frames{by}", frame_multiple=f"{key}.tpatch{by}")
-        return {**media, "frames": self.frames * k, "time": TokenAxis(stride=k, patch=self.tpatch)}
+        time = TokenAxis(stride=k, patch=self.tpatch, causal=s.causal)
+        return {**media, "frames": time.span(self.frames), "time": time}
 
     def num_tokens(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
         t, h, w = frames or self.frames, height or self.size, width or self.size
