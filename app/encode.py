@@ -385,10 +385,12 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
 
 def run(args: argparse.Namespace) -> list[str]:
     specs = [parse_text_encoder(s) for s in args.text_encoder]
-    manifest = encode_shards(args.src, args.out, args.autoencoder, args.subfolder, args.dtype, specs, args.size,
-                             args.keep_aspect, args.max_frames, args.sample_rate, args.max_seconds, args.min_seconds,
-                             args.batch_size, args.shard_size, args.device, audio_autoencoder=args.audio_autoencoder,
-                             audio_subfolder=args.audio_subfolder, fps=args.fps)
+    manifest = encode_shards(
+        args.src, args.out, args.autoencoder, subfolder=args.subfolder, dtype=args.dtype, text_encoders=specs,
+        size=args.size, keep_aspect=args.keep_aspect, max_frames=args.max_frames, sample_rate=args.sample_rate,
+        max_seconds=args.max_seconds, min_seconds=args.min_seconds, batch_size=args.batch_size,
+        shard_size=args.shard_size, device=args.device, audio_autoencoder=args.audio_autoencoder,
+        audio_subfolder=args.audio_subfolder, fps=args.fps)
     if manifest is None:
         print(f"this rank is done; other ranks are still encoding into {args.out}")
         return []

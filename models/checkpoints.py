@@ -23,23 +23,37 @@ class UnsafeCheckpoint(ValueError):
     """A file that is not a checkpoint duoflow can read as data (one line: path and why)."""
 
 
+def subclasses(base: type) -> list[type]:
+    """Every class below ``base`` that has been imported (direct and indirect subclasses)."""
+    found = []
+    for sub in base.__subclasses__():
+        found += [sub, *subclasses(sub)]
+    return found
+
+
 def safe_types() -> list[type | tuple[type, str]]:
-    """The classes a duoflow checkpoint may hold besides tensors and plain values (config dataclasses; a
-    (class, name) pair for a class that moved since older checkpoints were written)."""
+    """The classes a duoflow checkpoint may hold besides tensors and plain values: the config dataclasses a
+    generator built in Python keeps among its hyper-parameters. Found from the config bases (Condition,
+    Tokenizer, Sampler, TimestepSampler), so a new one is allowed without editing a list; a (class, name)
+    pair names a class that moved since older checkpoints were written."""
+    import dataclasses
+
+    import models.tokenizers.audio  # noqa: F401  the modules that define the configs, so their classes exist
+    import models.tokenizers.image  # noqa: F401
+    import models.tokenizers.shape  # noqa: F401
+    import models.tokenizers.video  # noqa: F401
     from models.backbone import MMDiTConfig
     from models.codecs.shape_config import ShapeAEConfig
-    from models.conditioning import ByteText, ClassLabel, PretrainedText, Unconditional
-    from models.flow import Euler, Heun, LogitNormalT, ModeT, UniformT, UShapedT
+    from models.conditioning import Condition
+    from models.flow import Sampler, TimestepSampler
     from models.text_encoders import TextEncoderSpec
-    from models.tokenizers.audio import AudioFrames
-    from models.tokenizers.image import ImagePatches
-    from models.tokenizers.shape import LatentSet
-    from models.tokenizers.video import VideoPatches
+    from models.tokenizers.base import Tokenizer
     from models.training import OptimConfig
 
-    return [MMDiTConfig, ShapeAEConfig, (ShapeAEConfig, "models.codecs.shape.ShapeAEConfig"), ByteText, ClassLabel, PretrainedText, Unconditional, TextEncoderSpec, Euler,
-            Heun, LogitNormalT, ModeT, UniformT, UShapedT, AudioFrames, ImagePatches, LatentSet, VideoPatches,
-            OptimConfig]
+    configs = [t for base in (Condition, Tokenizer, Sampler, TimestepSampler) for t in subclasses(base)
+               if dataclasses.is_dataclass(t)]
+    return [MMDiTConfig, ShapeAEConfig, TextEncoderSpec, OptimConfig, *configs,
+            (ShapeAEConfig, "models.codecs.shape.ShapeAEConfig")]
 
 
 @contextlib.contextmanager

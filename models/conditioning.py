@@ -24,6 +24,9 @@ lengths: packed with the other streams, so padding is never attended to)."""
 class ConditionModule(nn.Module):
     """forward(cond, drop) -> (context tokens, pooled (B, D)); drop (B,) bool selects the null condition."""
 
+    fingerprints: list[str] = []
+    """Of pretrained text encoders' folders (recorded in checkpoints, checked against cached embeddings)."""
+
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:  # pragma: no cover
         raise NotImplementedError
 

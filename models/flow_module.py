@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from datamodules.media.spec import MediaSpec, agree
 from models import flow
 from models.backbone import MMDiT, MMDiTConfig
+from models.codecs.base import Codec
 from models.codecs.identity import Identity
 from models.conditioning import Condition, Unconditional
 from models.packing import Layout
@@ -54,7 +55,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
         tokenizer: Tokenizer,
         backbone: MMDiTConfig = MMDiTConfig(),
         conditioning: Condition = Unconditional(),
-        codec: nn.Module | None = None,
+        codec: Codec | None = None,
         timesteps: flow.TimestepSampler = flow.LogitNormalT(),
         sampler: flow.Sampler = flow.Euler(steps=50),
         shift: float = 1.0,
@@ -101,13 +102,13 @@ class FlowMatchingModule(RunState, L.LightningModule):
         self.last_lengths: list[int] = []
         """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
-    def add_stream(self, key: str, tokenizer: Tokenizer, codec: nn.Module | None = None,
+    def add_stream(self, key: str, tokenizer: Tokenizer, codec: Codec | None = None,
                    config_key: str = "model.tokenizer") -> None:
         """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections.
 
         A tokenizer's ``channels`` follow the codec's latent channels (3 for pixels)."""
-        if hasattr(tokenizer, "channels"):
-            channels = getattr(codec, "latent_channels", 3)
+        if hasattr(tokenizer, "channels") and (codec is None or codec.latent_channels is not None):
+            channels = codec.latent_channels if codec is not None else Identity.latent_channels
             source = f"the codec's latent channels ({config_key.replace('tokenizer', 'codec')})" if codec is not None \
                 else "3 (pixels: no codec)"
             tokenizer = replace(tokenizer, channels=agree(f"{config_key}.channels", tokenizer.channels, channels, source))
@@ -142,9 +143,9 @@ class FlowMatchingModule(RunState, L.LightningModule):
             fields.update(part)
         made_with: dict[str, Any] = {}
         for name, codec in zip(("autoencoder", "audio_autoencoder"), self.codecs):
-            if getattr(codec, "fingerprint", None):
+            if codec.fingerprint:
                 made_with[name] = codec.fingerprint
-        if getattr(self.cond, "fingerprints", None):
+        if self.cond.fingerprints:
             made_with["text_encoders"] = list(self.cond.fingerprints)
         return MediaSpec(**fields, made_with=made_with, sources=sources)
 
@@ -186,9 +187,6 @@ class FlowMatchingModule(RunState, L.LightningModule):
                 if cached is None:
                     out.append(map_latents(lambda x, codec=codec, tok=tok: tok.crop(codec.encode(x)), batch[key]))
                     continue
-                if not hasattr(codec, "normalise"):
-                    raise ValueError(f"the batch holds cached latents ({key}_latent) but the {key!r} stream's codec is "
-                                     f"{type(codec).__name__}; set it to models.codecs.pretrained.PretrainedAutoencoder")
                 out.append(map_latents(lambda z, codec=codec, tok=tok: tok.crop(codec.normalise(z)), cached))
         return out
 
@@ -236,11 +234,11 @@ class FlowMatchingModule(RunState, L.LightningModule):
         hparams = checkpoint.get("hyper_parameters", {})
         for name, codec in zip(self.codec_hparams, self.codecs):
             init = (hparams.get(name) or {}).get("init_args") if isinstance(hparams.get(name), dict) else None
-            if isinstance(init, dict) and getattr(codec, "fingerprint", None):
+            if isinstance(init, dict) and codec.fingerprint:
                 init["fingerprint"], init["stats"] = codec.fingerprint, None
         cond = hparams.get("conditioning")
         encoders = cond.get("init_args", {}).get("encoders") if isinstance(cond, dict) else None
-        if isinstance(encoders, list) and hasattr(self.cond, "fingerprints"):
+        if isinstance(encoders, list) and self.cond.fingerprints:
             for spec, fingerprint in zip(encoders, self.cond.fingerprints):
                 if isinstance(spec, dict):
                     spec["fingerprint"] = fingerprint

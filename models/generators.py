@@ -10,13 +10,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.media import audio as media_audio
 from datamodules.media import image as image_media
 from datamodules.media import video as media
 from datamodules.media.mesh import save_meshes
 from datamodules.media.spec import agree
+from models.codecs.base import Codec
 from models.codecs.mel import MelCodec
 from models.codecs.shape import ShapeLatents
 from models.conditioning import ClassLabel, Condition
@@ -69,8 +70,8 @@ class VideoFlow(FlowMatchingModule):
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
 
 
-def audio_stream(tokenizer: AudioFrames, codec: nn.Module | None, sample_rate: int | None, keys: tuple[str, str],
-                 frames: int | None = None) -> tuple[AudioFrames, nn.Module, int]:
+def audio_stream(tokenizer: AudioFrames, codec: Codec | None, sample_rate: int | None, keys: tuple[str, str],
+                 frames: int | None = None) -> tuple[AudioFrames, Codec, int]:
     """An audio stream: (its tokenizer, its codec, the audio rate).
 
     The rate is the model's ``sample_rate``, else the codec's own (a pretrained audio autoencoder runs at
@@ -80,7 +81,7 @@ def audio_stream(tokenizer: AudioFrames, codec: nn.Module | None, sample_rate: i
     stated once: a stated one that contradicts is one ValueError line naming both."""
     tok_key, codec_key = keys
     codec = codec or MelCodec()
-    rate = sample_rate or getattr(codec, "native_sample_rate", None) or 8000
+    rate = sample_rate or codec.native_sample_rate or 8000
     codec = codec.at_rate(rate, codec_key)
     source = (f"the codec's n_mels ({codec_key}.n_mels)" if isinstance(codec, MelCodec)
               else f"the codec's latent channels ({codec_key})")
@@ -100,7 +101,7 @@ class AudioFlow(FlowMatchingModule):
         tokenizer: AudioFrames = AudioFrames(),
         conditioning: Condition = ClassLabel(),
         sample_rate: int | None = None,
-        codec: nn.Module | None = None,
+        codec: Codec | None = None,
         **kwargs: Any,
     ):
         """
@@ -138,7 +139,7 @@ class AudioVideoFlow(FlowMatchingModule):
         conditioning: Condition = ClassLabel(),
         fps: int = 8,
         sample_rate: int | None = None,
-        audio_codec: nn.Module | None = None,
+        audio_codec: Codec | None = None,
         **kwargs: Any,
     ):
         """
@@ -177,7 +178,7 @@ class AudioVideoFlow(FlowMatchingModule):
         latent frame i of frames s i - s + 1 .. s i (the first frame alone), centred on s i - (s - 1) / 2;
         video token j spans latent frames j k .. j k + k - 1 (k = tpatch)."""
         patch, hop, k = self.tokenizers[1].patch, self.codecs[1].hop, self.tokenizer.tpatch
-        s = int(getattr(self.codec, "temporal_factor", 1))
+        s = int(self.codec.temporal_factor)
         seconds = (pos * patch + (patch - 1) / 2) * hop / self.sample_rate
         latent_frame = (seconds * self.fps + (s - 1) / 2) / s
         t = (latent_frame - (k - 1) / 2) / k

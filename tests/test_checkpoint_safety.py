@@ -99,3 +99,28 @@ def test_a_run_whose_id_looks_like_a_number_resumes_from_its_checkpoint_alone(tm
     assert main(["fit", "--ckpt_path", str(run / "checkpoints" / "last.ckpt"), "--trainer.max_steps", "4"]) == 0
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["global_step"] == 4
     assert (run / "wandb_id").read_text().strip() == "06e88891"
+
+
+def test_every_config_class_a_generator_takes_is_allowed() -> None:
+    """A generator built in Python keeps its config objects among its hyper-parameters: every dataclass config of
+    a generator's constructor (and of those configs' own fields) must load as data."""
+    import dataclasses
+    import inspect
+    import typing
+
+    import models.generators as generators
+    from models.checkpoints import safe_types
+
+    allowed = {t if isinstance(t, type) else t[0] for t in safe_types()}
+    seen, todo = set(), [cls.__init__ for cls in (generators.ImageFlow, generators.VideoFlow, generators.AudioFlow,
+                                                  generators.AudioVideoFlow, generators.ShapeFlow,
+                                                  generators.FlowMatchingModule)]
+    while todo:
+        hints = typing.get_type_hints(todo.pop(), include_extras=False)
+        for hint in hints.values():
+            for t in typing.get_args(hint) or (hint,):
+                if isinstance(t, type) and t not in seen and t.__module__.startswith("models."):
+                    seen.add(t)
+                    subs = [s for s in [t, *t.__subclasses__()] if dataclasses.is_dataclass(s)]
+                    assert all(s in allowed for s in subs), [s for s in subs if s not in allowed]
+                    todo += [s.__init__ for s in subs if inspect.isfunction(s.__init__)]

@@ -270,6 +270,9 @@ def test_a_latent_codec_multiplies_the_pixel_multiple_and_the_token_cost(tmp_pat
     t.follow(spec)
     x = t({"png": np.random.default_rng(0).integers(0, 255, (12, 20, 3), dtype=np.uint8), "__key__": "k"})
     assert t.multiple == 4 and t.cost(x) == (12 // 4) * (20 // 4) == model_tokens(model, x)
-    assert Strides.of(SimpleNamespace(hop=8, temporal_factor=4)) == Strides(spatial=1, temporal=4, hop=8)
+    from models.codecs.base import Codec
+
+    codec = type("Clips", (Codec,), {"hop": 8, "temporal_factor": 4})()  # the rest: the base's defaults
+    assert Strides.of(codec) == Strides(spatial=1, temporal=4, hop=8)
     one_line_error(lambda: ImageTransform(multiple=2, keep_aspect=True).follow(spec), "data.transform.multiple=2",
                    "model.tokenizer.patch x the codec's spatial factor 2", "4")

@@ -24,12 +24,13 @@ from typing import ClassVar
 
 import torch
 import torchaudio.functional as AF
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.media.spec import agree
+from models.codecs.base import Codec
 
 
-class MelCodec(nn.Module):
+class MelCodec(Codec):
     """Waveform (B, S) in [-1, 1] <-> normalised log-mel (B, M, F); buffers only, none saved.
 
     Args:

@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from datamodules.media.spec import agree
+from models.codecs.base import Codec
 from models.codecs.latent_stats import LatentStats, denormalise, normalise
 from models.pretrained_files import (
     FrozenModules,
@@ -174,19 +175,9 @@ FAMILIES: dict[str, Family] = {
 }
 
 
-class PretrainedAutoencoder(FrozenModules):
-    """A diffusers autoencoder from a local folder as a frozen first stage; its class from config.json.
-
-    Args:
-        path: Folder written by ``save_pretrained`` (or a pipeline folder, with ``subfolder``).
-        subfolder: Sub-folder holding the autoencoder (``"vae"`` in SD3/Flux/Wan pipelines).
-        dtype: Weights' dtype: float32, bfloat16 or float16. Latents are returned in float32.
-        tiling: Encode/decode large inputs tile by tile (less memory, seams blended).
-        slicing: Encode/decode a batch one sample at a time (less memory).
-        sample: Encode to a posterior sample instead of its mean (Gaussian posteriors only).
-        stats: JSON of per-channel latent mean/std measured over the encoded data
-            (``LatentStats.save``); None = the autoencoder config's normalisation.
-    """
+class PretrainedAutoencoder(FrozenModules, Codec):
+    """A diffusers autoencoder from a local folder as a frozen first stage; its class from config.json
+    (the arguments are documented on ``__init__``, which the CLI reads). Latents come out in float32."""
 
     def __init__(
         self,
@@ -204,7 +195,7 @@ class PretrainedAutoencoder(FrozenModules):
             path: Folder written by save_pretrained, a pipeline folder (with subfolder), or package:NAME.
             subfolder: The autoencoder's sub-folder in a pipeline folder (SD3/Flux/Wan: "vae").
             dtype: Weights' dtype: float32, bfloat16 or float16.
-            tiling: Encode/decode large inputs tile by tile (less memory).
+            tiling: Encode/decode large inputs tile by tile (less memory, seams blended).
             slicing: Encode/decode a batch one sample at a time (less memory).
             sample: Draw latents from the posterior (else its mean: deterministic encodes, exact caching).
             stats: Latent statistics file written by `duoflow shards encode` (per-channel mean/std of

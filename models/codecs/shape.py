@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from models.attention import RMSNorm, select_kernel
 from models.blocks import Mlp
 from models.checkpoints import load_checkpoint
+from models.codecs.base import Codec
 from models.codecs.shape_config import ShapeAEConfig
 
 
@@ -168,7 +169,7 @@ def load_shape_codec(ckpt: str, map_location: str = "cpu") -> ShapeCodec:
     return codec.eval().requires_grad_(False)
 
 
-class ShapeLatents(nn.Module):
+class ShapeLatents(Codec):
     """First stage of ShapeFlow on pre-encoded latent shards (app/shape_latents.py).
 
     ``encode`` is the identity: the shards already hold scaled latents (B, K, d), what

@@ -12,9 +12,10 @@ from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.media.spec import TokenAxis
+from models.codecs.base import Codec
 from models.tokenizers.base import Strides, Tokenizer
 
 
@@ -46,7 +47,7 @@ class AudioFrames(Tokenizer):
     def num_tokens(self, frames: int | None = None) -> int:
         return (frames or self.frames or self.default_frames) // self.patch
 
-    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+    def media(self, codec: Codec | None, key: str) -> dict[str, Any]:
         s = Strides.of(codec)
         return {"samples": TokenAxis(stride=s.hop, patch=self.patch, extra=s.extra_frames)}
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.media.spec import TokenAxis
+from models.codecs.base import Codec
 
 
 @dataclass(frozen=True)
@@ -34,10 +35,11 @@ class Strides:
     """The codec encodes the first frame alone, then temporal frames at a time (Wan, LTX)."""
 
     @classmethod
-    def of(cls, codec: nn.Module | None) -> Strides:
-        return cls(*(int(getattr(codec, name, default)) for name, default in
-                     (("spatial_factor", 1), ("temporal_factor", 1), ("hop", 1), ("extra_frames", 0))),
-                   causal=bool(getattr(codec, "causal", False)))
+    def of(cls, codec: Codec | None) -> Strides:
+        if codec is None:
+            return cls()
+        return cls(int(codec.spatial_factor), int(codec.temporal_factor), int(codec.hop), int(codec.extra_frames),
+                   bool(codec.causal))
 
 
 def by_factor(factor: int, what: str) -> str:
@@ -71,7 +73,7 @@ class Tokenizer:
             raise ValueError(f"{type(self).__name__}.channels is unset; expected the generator to set it from its codec")
         return channels
 
-    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+    def media(self, codec: Codec | None, key: str) -> dict[str, Any]:
         """This stream's part of the generator's MediaSpec (datamodules/media/spec.py): its fields, plus
         ``sources`` (field -> config key) for error messages; ``key`` is this tokenizer's config key.
         Default: nothing (a latent set costs one token per latent and has no media sizes)."""

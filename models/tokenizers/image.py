@@ -10,8 +10,9 @@ from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
+from models.codecs.base import Codec
 from models.tokenizers.base import Strides, Tokenizer, pixel_media
 
 
@@ -42,7 +43,7 @@ class ImagePatches(Tokenizer):
         h, w = latent.shape[-2] // self.patch * self.patch, latent.shape[-1] // self.patch * self.patch
         return latent[..., :h, :w]
 
-    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+    def media(self, codec: Codec | None, key: str) -> dict[str, Any]:
         return pixel_media(self.size, self.patch, Strides.of(codec), key)
 
     def num_tokens(self, height: int | None = None, width: int | None = None) -> int:

@@ -13,9 +13,10 @@ from typing import Any, ClassVar
 
 import torch
 from einops import rearrange
-from torch import Tensor, nn
+from torch import Tensor
 
 from datamodules.media.spec import TokenAxis
+from models.codecs.base import Codec
 from models.tokenizers.base import Strides, Tokenizer, by_factor, pixel_media
 
 
@@ -55,7 +56,7 @@ class VideoPatches(Tokenizer):
         h, w = latent.shape[-2] // self.patch * self.patch, latent.shape[-1] // self.patch * self.patch
         return latent[..., :t, :h, :w]
 
-    def media(self, codec: nn.Module | None, key: str) -> dict[str, Any]:
+    def media(self, codec: Codec | None, key: str) -> dict[str, Any]:
         s = Strides.of(codec)
         media = pixel_media(self.size, self.patch, s, key)
         k, by = s.temporal, by_factor(s.temporal, "temporal")
