@@ -49,6 +49,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     enc.add_argument("--batch-size", type=int, default=64, help="shapes encoded at once (default 64)")
     enc.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     add_encode_parser(sub)
+    add_clip_parsers(sub)
     syn = sub.add_parser("synthetic", help="procedural data with class ids and captions")
     syn.add_argument("kind", choices=list(synthetic.SYNTHETIC_KINDS),
                      help="image (square shapes), image-mixed (mixed sizes and aspect ratios), video, audio (notes), "
@@ -94,6 +95,54 @@ def add_encode_parser(sub: argparse._SubParsersAction) -> None:
     enc.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: this rank's GPU, else cpu)")
 
 
+def add_clip_parsers(sub: argparse._SubParsersAction) -> None:
+    """``shards videos`` and ``shards audiovideo``: video files -> clip shards (datamodules/ingest_video.py)."""
+    for name, kind in (("videos", "video"), ("audiovideo", "audio-video")):
+        sound = name == "audiovideo"
+        p = sub.add_parser(
+            name, help=f"a folder of video files -> {kind} clip shards (<name>.mp4|webm|mov|mkv|avi|gif or <class>/<name>.*)",
+            description="Cut every video of SRC into clips of --frames frames at --fps (frame k = the source frame shown "
+                        "at start + k/fps), every --stride seconds, resized to --size, and store each clip as npy uint8 "
+                        "(T, H, W, 3) with json metadata" + (" and its soundtrack (mono wav at --sample-rate, exactly "
+                        "the clip's span); videos without audio are skipped" if sound else "") + ". With class "
+                        "sub-folders, class ids are the sorted folder names (OUT/classes.json). Captions: --captions, "
+                        "else <name>.txt, else <name>.json {\"caption\": ...}. Unreadable and too short files are "
+                        "skipped, counted and named.")
+        p.add_argument("src", help="folder of video files, or of class sub-folders holding them")
+        p.add_argument("out", help="output folder for the shards (with --holdout: OUT/train and OUT/holdout)")
+        p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
+        p.add_argument("--fps", type=float, default=8.0, help="frame rate of the clips (default 8)")
+        p.add_argument("--stride", type=float, default=None,
+                       help="seconds between clip starts (default frames/fps: back to back; shorter overlaps)")
+        p.add_argument("--max-clips", type=int, default=None, help="most clips per video, the first ones (default all)")
+        p.add_argument("--size", type=int, default=256, help="frame side: shorter side resized, centre square (default 256)")
+        p.add_argument("--keep-aspect", action="store_true", help="keep the aspect ratio: about size^2 pixels, no crop")
+        p.add_argument("--multiple", type=int, default=16, help="with --keep-aspect, sides are multiples of this (default 16)")
+        p.add_argument("--min-motion", type=float, default=None,
+                       help="skip clips whose mean absolute frame difference (0-255 levels) is below this (default off)")
+        if sound:
+            p.add_argument("--sample-rate", type=int, default=16000, help="soundtrack rate in Hz (default 16000)")
+        p.add_argument("--captions", default=None, help="caption manifest: .csv (header: path,caption[,class]) or .jsonl")
+        p.add_argument("--holdout", type=float, default=0.0,
+                       help="fraction of videos (by a hash of their path) written to OUT/holdout, the rest to OUT/train")
+        p.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
+        p.add_argument("--shard-size", type=int, default=100, help="clips per shard (default 100; npy clips are large)")
+        p.add_argument("--prefix", default=name.rstrip("s"), help=f"shard file name prefix (default {name.rstrip('s')})")
+
+
+def write_clips(args: argparse.Namespace) -> list[str]:
+    from datamodules.ingest_video import write_video_clips  # PyAV and the clip cutter only when sharding videos
+    from datamodules.video_clips import ClipOptions
+
+    options = ClipOptions(frames=args.frames, fps=args.fps, stride=args.stride, max_clips=args.max_clips, size=args.size,
+                          keep_aspect=args.keep_aspect, multiple=args.multiple, min_motion=args.min_motion,
+                          sample_rate=getattr(args, "sample_rate", None))
+    report = write_video_clips(args.src, args.out, options, captions=args.captions, holdout=args.holdout,
+                               workers=args.workers, shard_size=args.shard_size, prefix=args.prefix)
+    print(report.summary())
+    return report.paths
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.source == "images":
@@ -107,6 +156,8 @@ def main(argv: list[str]) -> int:
 
         paths = write_mesh_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
                                   points=args.points, queries=args.queries)
+    elif args.source in ("videos", "audiovideo"):
+        paths = write_clips(args)
     elif args.source == "encode":
         from app.encode import run  # loads diffusers and transformers
 
