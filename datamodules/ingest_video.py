@@ -89,9 +89,8 @@ class Report:
     def summary(self) -> str:
         total = sum(self.clips.values())
         rate = f"{self.files / self.seconds:.2f} files/s, {total / self.seconds:.2f} clips/s" if self.seconds else ""
-        line = f"{plural(total, 'clip')} from {plural(self.videos, 'video')} in {self.seconds:.1f} s ({rate})"
-        if len(self.clips) > 1:
-            line += " (" + ", ".join(f"{split}: {n}" for split, n in self.clips.items()) + ")"
+        splits = " (" + ", ".join(f"{split} {n}" for split, n in self.clips.items()) + ")" if len(self.clips) > 1 else ""
+        line = f"{plural(total, 'clip')}{splits} from {plural(self.videos, 'video')} in {self.seconds:.2f} s ({rate})"
         skipped = sum(len(paths) for paths in self.skipped.values())
         parts = [f"{len(paths)} {reason} ({', '.join(sorted(paths)[:SHOWN_PATHS])}{', ...' if len(paths) > SHOWN_PATHS else ''})"
                  for reason, paths in sorted(self.skipped.items())]

@@ -10,6 +10,7 @@ import csv
 import io
 import json
 import tarfile
+from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ def moving_square(n: int) -> np.ndarray:
 
 
 def frame_indices(clip: np.ndarray) -> list[int]:
-    return [int(round(frame.mean() / LEVEL)) for frame in clip]
+    return [round(float(frame.mean()) / LEVEL) for frame in clip]
 
 
 def two_tones(seconds: float, rate: int, change: float, low: float = 440.0, high: float = 1000.0) -> np.ndarray:
@@ -45,8 +46,15 @@ def two_tones(seconds: float, rate: int, change: float, low: float = 440.0, high
     return 0.5 * np.sin(phase)
 
 
-def write_video(path: Path, frames: np.ndarray, fps: int = 10, audio: np.ndarray | None = None, rate: int = 16000) -> Path:
-    """MP4 (H.264, AAC) via write_mp4; .mkv/.mov with 16-bit PCM stereo (``audio`` (S, 2), or (S,) on both); .gif."""
+CONTAINERS = {".mkv": ("matroska", "libx264", "yuv420p"), ".mov": ("mov", "libx264", "yuv420p"),
+              ".webm": ("webm", "libvpx", "yuv420p"), ".avi": ("avi", "mpeg4", "yuv420p"), ".gif": ("gif", "gif", "rgb8")}
+"""Extension -> (muxer, video codec, pixel format) of the test files other than MP4."""
+
+
+def write_video(path: Path, frames: np.ndarray, fps: int = 10, audio: np.ndarray | None = None, rate: int = 16000,
+                delay: int = 0) -> Path:
+    """MP4 (H.264, AAC) via write_mp4; other CONTAINERS, .mkv/.mov with 16-bit PCM stereo (``audio`` (S, 2), or (S,) on both)
+    starting at 0 s while the first frame is shown at ``delay`` frames."""
     import av
 
     from datamodules.media.video import write_mp4
@@ -54,16 +62,18 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 10, audio: np.ndarray
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".mp4":
         return write_mp4(frames, path, fps=fps, audio=audio, sample_rate=rate if audio is not None else None)
-    with av.open(str(path), "w", format={".gif": "gif", ".mkv": "matroska", ".mov": "mov"}[path.suffix]) as container:
-        gif = path.suffix == ".gif"
-        video = container.add_stream("gif" if gif else "libx264", rate=fps)
-        video.width, video.height, video.pix_fmt = W, H, "rgb8" if gif else "yuv420p"
+    muxer, codec, pixels = CONTAINERS[path.suffix]
+    with av.open(str(path), "w", format=muxer) as container:
+        video = container.add_stream(codec, rate=fps)
+        video.width, video.height, video.pix_fmt = W, H, pixels
+        video.options = {"qscale": "1"} if codec == "mpeg4" else {}
         if audio is not None:  # every stream before the first packet
             sound = container.add_stream("pcm_s16le", rate=rate)
             sound.layout = "stereo"
-        for frame in frames:
+        for i, frame in enumerate(frames):
             image = av.VideoFrame.from_ndarray(frame, format="rgb24")
-            container.mux(video.encode(image.reformat(format="rgb8") if gif else image))
+            image.pts, image.time_base = delay + i, Fraction(1, fps)
+            container.mux(video.encode(image.reformat(format=pixels) if pixels == "rgb8" else image))
         container.mux(video.encode(None))
         if audio is not None:
             stereo = audio[:, None].repeat(2, axis=1) if audio.ndim == 1 else audio  # (S, 2)
@@ -138,10 +148,15 @@ def test_command_writes_npy_clips_with_metadata(indexed, tmp_path, capsys):
     print(summary)  # throughput of this small run: pytest -s shows it
 
 
-def test_gif_and_keep_aspect(tmp_path):
+@pytest.mark.parametrize("ext", sorted(CONTAINERS))
+def test_every_container(tmp_path, ext):
+    video = write_video(tmp_path / f"count{ext}", indexed_frames(20), fps=10)
+    clips = read_clips(video, ClipOptions(frames=4, fps=5, size=16)).clips
+    assert [frame_indices(c.frames) for c in clips] == [[0, 2, 4, 6], [8, 10, 12, 14]]
+
+
+def test_keep_aspect(tmp_path):
     gif = write_video(tmp_path / "count.gif", indexed_frames(20), fps=10)
-    (clip,) = read_clips(gif, ClipOptions(frames=4, fps=5, size=16, max_clips=1)).clips
-    assert frame_indices(clip.frames) == [0, 2, 4, 6]
     (wide,) = read_clips(gif, ClipOptions(frames=2, fps=5, size=16, keep_aspect=True, multiple=4, max_clips=1)).clips
     assert wide.frames.shape == (2, 12, 20, 3)  # 32x24 at about 16^2 pixels: 18.5 x 13.9 -> multiples of 4
 
@@ -182,6 +197,16 @@ def test_soundtrack_is_exactly_the_clips_span(tmp_path):
     straddling = clips[2].audio  # 0.6 - 1.0 s; the tone changes at 0.8 s, sample 1600 of the clip
     assert dominant_hz(straddling[:1500], 8000) == pytest.approx(440, abs=12)
     assert dominant_hz(straddling[1700:], 8000) == pytest.approx(1000, abs=12)
+
+
+def test_soundtrack_follows_the_container_clock_when_the_video_starts_late(tmp_path):
+    tone = two_tones(2.0, 16000, 0.8)
+    mkv = write_video(tmp_path / "late.mkv", indexed_frames(15), audio=tone, delay=5)  # frames from 0.5 s, sound from 0 s
+    clips = read_clips(mkv, ClipOptions(frames=2, fps=5, stride=0.3, size=16, sample_rate=8000)).clips
+    first = clips[0]  # 0 s after the first frame = 0.5 s of sound: the change (0.8 s) is 0.3 s into the clip
+    assert frame_indices(first.frames) == [0, 2]
+    assert dominant_hz(first.audio[:2200], 8000) == pytest.approx(440, abs=12)
+    assert dominant_hz(first.audio[2600:], 8000) == pytest.approx(1000, abs=12)
 
 
 def test_audiovideo_command_aac_soundtrack_stays_in_sync(indexed, tmp_path, capsys):
