@@ -23,7 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from app.checkpoint_io import AtomicCheckpointIO
 from app.errors import UserError
-from datamodules.shards import ShardDataModule
+from datamodules.shards import ShardDataModule, expand_shards, shard_conditions
 from models.checkpoints import reading_as_data
 
 log = logging.getLogger("duoflow")
@@ -38,6 +38,40 @@ def new_run_id() -> str:
     """A W&B run id: 8 characters of [a-z0-9] starting with a letter, so no YAML or JSON reader can take
     it for a number (ids such as 06e88891 or 12345678 from plain hex are read back as inf or an int)."""
     return secrets.choice("abcdefghijklmnopqrstuvwxyz") + secrets.token_hex(4)[1:]
+
+
+CLASS_CONDITIONS = ("models.conditioning.ClassLabel",)
+TEXT_CONDITIONS = ("models.conditioning.ByteText", "models.conditioning.PretrainedText")
+CONDITION_KEY = "model.init_args.conditioning"
+
+
+def follow_the_shards(cfg: Namespace) -> None:
+    """The model's conditioning against what the training shards offer: the class count from their
+    classes.json when the config leaves it out (a stated one wins), and one line when the shards cannot
+    condition the model (captions for a class model, class labels for a text model)."""
+    data, cond = cfg.get("data") or Namespace(), (cfg.get("model") or Namespace()).get("init_args")
+    cond = cond.get("conditioning") if isinstance(cond, Namespace) else None
+    if not data.get("train_shards") or not isinstance(cond, Namespace):
+        return
+    urls = expand_shards(data.train_shards)  # a pattern matching nothing: one line, here
+    offer = shard_conditions(urls)
+    kind, where = str(cond.get("class_path", "")), Path(urls[0]).parent
+    if not offer:
+        return
+    holds = " and ".join(n for n, k in (("class labels", "labels"), ("captions", "captions")) if offer[k]) or "neither class labels nor captions"
+    if kind in CLASS_CONDITIONS:
+        args = cond.get("init_args") or Namespace()
+        if not offer["labels"]:
+            raise UserError(f"{where}: the shards hold {holds}, a class model needs class labels (cls); condition on "
+                            f"captions ({CONDITION_KEY}: models.conditioning.ByteText or PretrainedText)")
+        if args.get("num_classes") is None:
+            if offer["classes"] is None:
+                raise UserError(f"{where}: no classes.json beside the shards; set {CONDITION_KEY}.init_args.num_classes")
+            args.num_classes = len(offer["classes"])
+            cond.init_args = args
+    elif kind in TEXT_CONDITIONS and not offer["captions"]:
+        raise UserError(f"{where}: the shards hold {holds}, a text model needs captions (txt); condition on the "
+                        f"classes ({CONDITION_KEY}: models.conditioning.ClassLabel)")
 
 
 class DuoflowCLI(LightningCLI):
@@ -101,6 +135,8 @@ class DuoflowCLI(LightningCLI):
     def before_instantiate_classes(self) -> None:
         sub = self.subcommand
         cfg = self.config[sub]
+        if sub == "fit":
+            follow_the_shards(cfg)  # before anything is created: a bad shard pattern leaves no run directory
         name = cfg.get("name") or self.config_stem(cfg) or "run"
         run_dir = Path(cfg.runs_dir) / name
         cfg.name = name

@@ -80,3 +80,30 @@ def count_samples(urls: list[str]) -> dict[str, int]:
         name = Path(url).name
         counts[url] = indexes[folder][name] if name in indexes[folder] else count_tar_samples(url)
     return counts
+
+
+def first_sample_fields(url: str) -> set[str]:
+    """The fields (member extensions) of the first sample of a local shard, read from its first members."""
+    fields, first = set(), None
+    with tarfile.open(url, mode="r:*") as tar:
+        for info in tar:
+            key, ext = base_plus_ext(info.name)
+            if not info.isreg() or key is None or os.path.basename(info.name).startswith("__"):
+                continue
+            if first is not None and key != first:
+                break
+            first = key
+            fields.add(ext)
+    return fields
+
+
+def shard_conditions(urls: list[str]) -> dict:
+    """What conditioning the shards offer: ``classes`` (names from classes.json beside them, or None), and
+    whether their first sample has a class label (``labels``) and a caption or cached caption embeddings
+    (``captions``); {} for remote shards (nothing is read from them here)."""
+    if not urls or is_remote(urls[0]):
+        return {}
+    names = Path(urls[0]).parent / "classes.json"
+    fields = first_sample_fields(urls[0])
+    return {"classes": json.loads(names.read_text()) if names.is_file() else None, "labels": "cls" in fields,
+            "captions": "txt" in fields or "text.safetensors" in fields}

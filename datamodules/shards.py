@@ -25,6 +25,7 @@ from datamodules.shardlists import (
     count_tar_samples,
     expand_shards,
     is_remote,
+    shard_conditions,
 )
 from datamodules.stream import (
     POSITION_KEY,
@@ -39,7 +40,7 @@ from datamodules.stream import (
 from datamodules.transforms import ImageTransform, SampleTransform, collate
 
 __all__ = ["ShardDataModule", "TooManyBadSamples", "budget_batched", "count_samples", "count_tar_samples", "dist_info",
-           "expand_shards", "read_samples"]
+           "expand_shards", "read_samples", "shard_conditions"]
 
 log = logging.getLogger("duoflow.data")
 

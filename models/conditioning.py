@@ -50,10 +50,14 @@ class Condition:
 class ClassLabel(Condition):
     """Class-conditional generation: one learned embedding per class plus a null class."""
 
-    num_classes: int = 4
-    """Number of classes; labels are 0..num_classes-1 (the `cls` field of a sample)."""
+    num_classes: int | None = None
+    """Number of classes; labels are 0..num_classes-1 (the `cls` field of a sample). None: the training
+    shards' classes.json (the CLI reads it before the model is built)."""
 
     def build(self, dim: int) -> ConditionModule:
+        if self.num_classes is None:
+            raise ValueError("ClassLabel.num_classes is unset; expected the count of the shards' classes.json (set by "
+                             "`duoflow fit`) or model.init_args.conditioning.init_args.num_classes")
         return ClassEmbedder(self.num_classes, dim)
 
 

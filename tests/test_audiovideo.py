@@ -16,6 +16,7 @@ from datamodules.decoders import decode_audio
 from datamodules.transforms import collate
 from models.backbone import MMDiTConfig
 from models.codecs.mel import MelCodec
+from models.conditioning import ClassLabel
 from models.generators import AudioVideoFlow
 from models.tokenizers.audio import AudioFrames
 from models.tokenizers.video import VideoPatches
@@ -83,7 +84,7 @@ def small_model(tpatch: int = 1) -> AudioVideoFlow:
     return AudioVideoFlow(
         tokenizer=VideoPatches(frames=8, size=16, patch=4, tpatch=tpatch), audio_tokenizer=AudioFrames(frames=64, patch=2),
         backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, streams=3, out_streams=2, rope_axes=3),
-        audio_codec=MelCodec(hop=125), fps=FPS, sample_rate=SR,
+        audio_codec=MelCodec(hop=125), fps=FPS, sample_rate=SR, conditioning=ClassLabel(4),
     )
 
 

@@ -177,3 +177,37 @@ def test_a_diverged_run_exits_3_after_saving_the_last_good_state(tmp_path: Path,
     assert err[-1].startswith("error: stopping: 20 non-finite losses/gradients in a row at step 2"), err[-3:]
     good = torch.load(tmp_path / "runs/nan/checkpoints/last-good.ckpt", map_location="cpu", weights_only=False)
     assert good["global_step"] == 2
+
+
+def test_configs_follow_the_shards_classes_and_conditioning(tmp_path: Path, image_shards: Path,
+                                                            capsys: pytest.CaptureFixture) -> None:
+    """The class count comes from the shards' classes.json (a stated one wins); shards that cannot condition the
+    model (no class labels for a class model, no captions for a text model) and a pattern matching nothing stop
+    in one line before a run directory exists."""
+    runs = tmp_path / "runs"
+    assert fit(tmp_path, image_shards, "--name", "c", "--trainer.max_steps", "1", "--trainer.logger", "false") == 0
+    ckpt = torch.load(runs / "c/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["conditioning"]["init_args"]["num_classes"] == 4  # classes.json: 4 shapes
+    assert fit(tmp_path, image_shards, "--name", "s", "--trainer.max_steps", "1", "--trainer.logger", "false",
+               "--model.init_args.conditioning.init_args.num_classes", "7") == 0
+    ckpt = torch.load(runs / "s/checkpoints/last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["hyper_parameters"]["conditioning"]["init_args"]["num_classes"] == 7  # stated: wins
+    capsys.readouterr()
+    captions_only, labels_only = tmp_path / "captions", tmp_path / "labels"
+    from datamodules.writers import ShardWriter
+
+    for folder, field in ((captions_only, {"txt": "a picture"}), (labels_only, {"cls": 1})):
+        with ShardWriter(str(folder / "s-%06d.tar")) as w:
+            for i in range(4):
+                w.write({"__key__": f"k{i}", "png": np.zeros((16, 16, 3), np.uint8), **field})
+    text = ["--model.init_args.conditioning", "models.conditioning.ByteText"]
+    cases = [
+        (["--data.train_shards", str(captions_only / "*.tar")], "hold captions, a class model needs class labels"),
+        (["--data.train_shards", str(labels_only / "*.tar"), *text], "hold class labels, a text model needs captions"),
+        (["--data.train_shards", str(tmp_path / "nothing-*.tar")], "no shard matches"),
+    ]
+    for extra, expected in cases:
+        name = f"bad{len(list(runs.glob('bad*')))}"
+        assert main(["fit", "--config", TINY, *SMALL, "--runs_dir", str(runs), "--name", name, *extra]) == 2
+        err = capsys.readouterr().err
+        assert expected in err and "Traceback" not in err and not (runs / name).exists(), err

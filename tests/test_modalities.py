@@ -10,6 +10,7 @@ import torch
 
 from app.__main__ import main
 from models.backbone import MMDiTConfig
+from models.conditioning import ClassLabel
 from tests.conftest import ROOT
 
 SHRINK = ["--model.init_args.backbone.dim", "32", "--model.init_args.backbone.heads", "2",
@@ -59,7 +60,7 @@ def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthet
     module = ShardDataModule(str(shards / "*.tar"), batch_size=4, num_workers=0, transform=AudioTransform(max_seconds=1.5))
     batch = next(iter(module.train_dataloader()))
     assert isinstance(batch["x"], list) and len({len(x) for x in batch["x"]}) > 1  # mixed durations stay a list
-    model = AudioFlow(backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=1))
+    model = AudioFlow(conditioning=ClassLabel(4), backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=1))
     (mel,) = model.latents(batch)
     assert all(z.shape[-1] % model.tokenizer.patch == 0 for z in mel)  # cropped to whole patches
     tokens = tokenize(model.tokenizer, mel)
@@ -79,7 +80,7 @@ def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) ->
     from app.evaluation.modalities import AudioEvaluator, evaluator_for
     from models.generators import AudioFlow
 
-    assert evaluator_for(AudioFlow()) is AudioEvaluator
+    assert evaluator_for(AudioFlow(conditioning=ClassLabel(4))) is AudioEvaluator
     shards = synthetic_shards("audio")
     ckpt = tmp_path / "runs" / "m" / "checkpoints" / "last.ckpt"
     fit_and_sample(tmp_path, "configs/audio/tiny.yaml", shards, "--data.batch_size", "4", steps=2)
@@ -154,7 +155,7 @@ def test_audio_evaluator_scores_real_clips_as_perfect(synthetic_shards) -> None:
     from models.generators import AudioFlow
 
     shards = str(synthetic_shards("audio") / "*.tar")
-    evaluator = AudioEvaluator(AudioFlow(backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1,
+    evaluator = AudioEvaluator(AudioFlow(conditioning=ClassLabel(4), backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1,
                                                               rope_axes=1)), shards, progress=False)
     real = read_samples(shards, evaluator.transform(), 24)
     reference = evaluator.reference(real)
@@ -174,7 +175,7 @@ def test_video_evaluator_frame_fd_and_checker(synthetic_shards) -> None:
     from models.tokenizers.video import VideoPatches
 
     shards = str(synthetic_shards("video") / "*.tar")
-    model = VideoFlow(tokenizer=VideoPatches(size=16, frames=8, patch=2, tpatch=2),
+    model = VideoFlow(tokenizer=VideoPatches(size=16, frames=8, patch=2, tpatch=2), conditioning=ClassLabel(4),
                       backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=3))
     assert evaluator_for(model) is VideoEvaluator
     evaluator = VideoEvaluator(model, shards, progress=False, feature_steps=30)

@@ -20,6 +20,7 @@ from callbacks.guards import NonFiniteGuard
 from datamodules.shards import ShardDataModule
 from datamodules.synthetic import write_synthetic
 from models.backbone import MMDiTConfig
+from models.conditioning import ClassLabel
 from models.generators import ImageFlow, OptimConfig
 from models.tokenizers.image import ImagePatches
 from tests.conftest import ROOT
@@ -69,7 +70,7 @@ class FaultyFlow(ImageFlow):
 def tiny(**kwargs: Any) -> FaultyFlow:
     return FaultyFlow(tokenizer=ImagePatches(size=16, patch=4),
                       backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=2),
-                      optim=OptimConfig(lr=1e-2), **kwargs)
+                      optim=OptimConfig(lr=1e-2), **{"conditioning": ClassLabel(4), **kwargs})
 
 
 class Snapshots(L.Callback):

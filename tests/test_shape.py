@@ -42,6 +42,7 @@ from datamodules.shapes import (
 from datamodules.synthetic import write_synthetic
 from datamodules.transforms import collate
 from models.codecs.shape import ShapeAEConfig, ShapeCodec, load_shape_codec
+from models.conditioning import ClassLabel
 from models.shape_autoencoder import ShapeAutoencoder
 from tests.conftest import ROOT, velocity
 
@@ -405,7 +406,7 @@ def tiny_shape_flow(ckpt: Path, **kwargs):
     from models.generators import ShapeFlow
 
     backbone = MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1)
-    return ShapeFlow(codec=ShapeLatents(str(ckpt), resolution=8), backbone=backbone, **kwargs)
+    return ShapeFlow(codec=ShapeLatents(str(ckpt), resolution=8), backbone=backbone, **{"conditioning": ClassLabel(5), **kwargs})
 
 
 def test_shape_flow_is_permutation_equivariant_and_its_codec_frozen(shape_latents) -> None:

@@ -22,6 +22,7 @@ from datamodules.transforms import ImageTransform
 from datamodules.video import VideoTransform
 from models.backbone import MMDiTConfig
 from models.codecs.mel import MelCodec
+from models.conditioning import ClassLabel
 from models.generators import AudioFlow, AudioVideoFlow, FlowMatchingModule, ImageFlow, VideoFlow
 from models.tokenizers.audio import AudioFrames
 from models.tokenizers.image import ImagePatches
@@ -41,19 +42,21 @@ def one_line_error(build, *words: str) -> str:
 
 
 def image(size: int = 16, patch: int = 2) -> ImageFlow:
-    return ImageFlow(tokenizer=ImagePatches(size=size, patch=patch), backbone=TINY_BACKBONE)
+    return ImageFlow(tokenizer=ImagePatches(size=size, patch=patch), conditioning=ClassLabel(4), backbone=TINY_BACKBONE)
 
 
 def video(tpatch: int = 2) -> VideoFlow:
-    return VideoFlow(tokenizer=VideoPatches(frames=8, size=16, patch=2, tpatch=tpatch), backbone=TINY_BACKBONE, fps=6)
+    return VideoFlow(tokenizer=VideoPatches(frames=8, size=16, patch=2, tpatch=tpatch), conditioning=ClassLabel(4),
+                     backbone=TINY_BACKBONE, fps=6)
 
 
 def audio(**kw) -> AudioFlow:
-    return AudioFlow(backbone=TINY_BACKBONE, **kw)
+    return AudioFlow(conditioning=ClassLabel(4), backbone=TINY_BACKBONE, **kw)
 
 
 def audiovideo(**kw) -> AudioVideoFlow:
     return AudioVideoFlow(**{"tokenizer": VideoPatches(frames=8, size=16, patch=2, tpatch=2), "backbone": TINY_BACKBONE,
+                            "conditioning": ClassLabel(4),
                              "audio_codec": MelCodec(hop=125), "fps": 8, "sample_rate": 8000, **kw})
 
 
@@ -80,13 +83,14 @@ def test_a_set_generator_takes_any_valid_rope_axes(shape_latents) -> None:
 
     ckpt, _ = shape_latents
     for stated, kept in ((None, 1), (3, 3)):  # a set has no positions: no axes to derive
-        model = ShapeFlow(codec=ShapeLatents(str(ckpt), resolution=8), backbone=MMDiTConfig(dim=32, heads=2, rope_axes=stated))
+        model = ShapeFlow(codec=ShapeLatents(str(ckpt), resolution=8), conditioning=ClassLabel(5),
+                          backbone=MMDiTConfig(dim=32, heads=2, rope_axes=stated))
         assert (model.backbone_cfg.streams, model.backbone_cfg.out_streams, model.backbone_cfg.rope_axes) == (2, 1, kept)
 
 
 def test_stated_backbone_values_are_accepted_when_they_agree_and_refused_in_one_line() -> None:
-    AudioVideoFlow(tokenizer=VideoPatches(frames=8, size=16), backbone=MMDiTConfig(dim=32, heads=2, streams=3, out_streams=2,
-                                                                                 rope_axes=3))
+    AudioVideoFlow(tokenizer=VideoPatches(frames=8, size=16), conditioning=ClassLabel(4),
+                   backbone=MMDiTConfig(dim=32, heads=2, streams=3, out_streams=2, rope_axes=3))
     one_line_error(lambda: ImageFlow(backbone=MMDiTConfig(dim=32, heads=2, rope_axes=3)),
                    "model.backbone.rope_axes=3", "ImageFlow", "= 2")
     one_line_error(lambda: AudioVideoFlow(backbone=MMDiTConfig(dim=32, heads=2, streams=2)),
@@ -155,6 +159,7 @@ def test_audio_transforms_follow_the_model_rates() -> None:
                    "data.transform.sample_rate=8000", "model.sample_rate", "16000")
     av = AudioVideoTransform()
     av.follow(AudioVideoFlow(tokenizer=VideoPatches(frames=4, size=8, patch=2, tpatch=2), audio_codec=MelCodec(hop=125),
+                              conditioning=ClassLabel(4),
                              backbone=TINY_BACKBONE, fps=4, sample_rate=4000).media_spec())
     assert (av.size, av.video.frame_multiple, av.video.max_frames, av.fps, av.sample_rate) == (8, 2, 4, 4, 4000)
     assert av.audio.max_seconds == 1.0  # the audio of the 4 frames kept
@@ -263,6 +268,7 @@ def test_a_latent_codec_multiplies_the_pixel_multiple_and_the_token_cost(tmp_pat
                   up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4, norm_num_groups=8,
                   layers_per_block=1).save_pretrained(tmp_path / "kl")  # spatial factor 2
     model = ImageFlow(tokenizer=ImagePatches(channels=4, size=8, patch=2), codec=PretrainedAutoencoder(str(tmp_path / "kl")),
+                      conditioning=ClassLabel(4),
                       backbone=TINY_BACKBONE)
     spec = model.media_spec()
     assert (spec.size, spec.pixels.multiple) == (16, 4) and "spatial factor 2" in spec.sources["size"]
