@@ -19,7 +19,9 @@ training (LightningCLI; every option can be overridden on the command line, see 
 tools:
   sample     generate media from a checkpoint:  duoflow sample --ckpt runs/NAME/checkpoints/last.ckpt --num 16 --out samples/
   export     weights to safetensors (EMA):      duoflow export --ckpt runs/NAME/checkpoints/last.ckpt --out model.safetensors [--no-ema]
-  shards     write WebDataset shards:           duoflow shards images|audio SRC OUT | duoflow shards synthetic KIND OUT --num N
+  shards     write WebDataset shards:           duoflow shards images|audio|videos|audiovideo|shapes SRC OUT
+                                                 duoflow shards synthetic KIND OUT --num N
+                                                 duoflow shards encode SRC OUT --autoencoder DIR [--text-encoder DIR]
   datasets   export a bundled real data set:    duoflow datasets digits data/digits-png --size 16
   evaluate   sample-quality metrics (FID, ...): duoflow evaluate --ckpt CKPT --data HELD_OUT_SHARDS [--num 500] [--json OUT]
   slurm      submit a training job to Slurm:    duoflow slurm submit --config CFG --nodes 1 --gpus-per-node 8 [--dry-run]
