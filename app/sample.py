@@ -25,6 +25,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--device", default="auto", help="cpu, cuda, or auto")
     ap.add_argument("--no-ema", action="store_true", help="use the raw weights instead of the EMA weights")
     ap.add_argument("--prefix", default="sample", help="file name prefix")
+    length = ap.add_mutually_exclusive_group()
+    length.add_argument("--frames", type=int, default=None,
+                        help="video: frames per clip (default: the length the model trained to sample; the backbone is "
+                             "length-agnostic)")
+    length.add_argument("--seconds", type=float, default=None, help="video or audio: duration of each sample in seconds")
     return ap.parse_args(argv)
 
 
@@ -55,19 +60,61 @@ def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True,
     return model.to(device).eval(), used_ema
 
 
+def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tuple[int, ...]] | None:
+    """Each stream's latent shape for clips of ``frames`` frames or ``seconds`` seconds (None: the trained
+    default), rounded down to what tokenizes whole (a causal video codec: 1 + 4m frames)."""
+    from models.tokenizers.audio import AudioFrames
+    from models.tokenizers.video import VideoPatches
+
+    if frames is None and seconds is None:
+        return None
+    spec, shapes = model.media_spec(), [tok.latent_shape() for tok in model.tokenizers]
+    video = [i for i, tok in enumerate(model.tokenizers) if isinstance(tok, VideoPatches)]
+    audio = [i for i, tok in enumerate(model.tokenizers) if isinstance(tok, AudioFrames)]
+    if not video and (frames is not None or not audio):
+        raise UserError(f"--{'frames' if frames is not None else 'seconds'}: {type(model).__name__} makes no "
+                        f"{'video' if frames is not None else 'video or audio'}")
+    if video:
+        wanted = frames if frames is not None else round(seconds * spec.fps)
+        kept = spec.time.keep(wanted)
+        if kept < 1:
+            raise UserError(f"--frames/--seconds: {wanted} frames is shorter than one token ({spec.time.multiple} frames)")
+        i = video[0]
+        shapes[i] = (shapes[i][0], spec.time.latent(kept), *shapes[i][2:])
+        seconds = kept / spec.fps  # the soundtrack lasts as long as the frames kept
+    for i in audio:
+        samples = round(seconds * spec.sample_rate)
+        patch = model.tokenizers[i].patch
+        latent = spec.samples.latent(samples) // patch * patch
+        if latent < patch:
+            raise UserError(f"--seconds {seconds}: shorter than one token of audio")
+        shapes[i] = (shapes[i][0], latent)
+    return shapes
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.num < 1:
         raise UserError(f"--num {args.num}: expected a positive number of samples")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema)
+    classes = getattr(model.cond, "num_classes", None)  # ClassEmbedder's; text and unconditional models have none
     if args.cls is not None:
+        if classes is None:
+            raise UserError(f"--class: {args.ckpt} is not a class model ({type(model.cond).__name__}); "
+                            "use --prompt TEXT for a text model, or neither")
+        if not 0 <= args.cls < classes:
+            raise UserError(f"--class {args.cls}: the model has classes 0..{classes - 1}")
         cond = {"cls": [args.cls] * args.num}
     elif args.prompt is not None:
+        if classes is not None:
+            raise UserError(f"--prompt: {args.ckpt} is a class model ({classes} classes); use --class K")
         cond = {"txt": [args.prompt] * args.num}
     else:
         cond = model.cond.preview(args.num)
-    x = model.generate(cond, args.num, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, progress=True)
+    shapes = latent_shapes(model, args.frames, args.seconds)
+    x = model.generate(cond, args.num, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, progress=True,
+                       shapes=shapes)
     paths = model.save_media(x, args.out, prefix=args.prefix)
     print(f"wrote {len(paths)} files to {args.out} ({'EMA' if used_ema else 'raw'} weights); preview: {paths[-1]}")
     return 0

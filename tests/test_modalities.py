@@ -45,6 +45,14 @@ def test_video_fit_packs_mixed_lengths_and_samples_mp4(tmp_path: Path, synthetic
     assert len(clips) == 2 and (out / "sample-grid.png").is_file()
     frames, audio, fps, _ = read_mp4(clips[0])
     assert frames.shape[0] == 8 and frames.shape[1] == frames.shape[2] and audio is None and round(fps) == 8
+    # other lengths than the trained default (the backbone is length-agnostic), and misuse in one line
+    ckpt = str(tmp_path / "runs/m/checkpoints/last.ckpt")
+    for option, frames_out in ((["--frames", "13"], 12), (["--seconds", "2"], 16)):  # tpatch 2: whole tubelets
+        assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "long"), "--steps", "1",
+                     "--prefix", option[0][2:], *option]) == 0
+        assert read_mp4(tmp_path / "long" / f"{option[0][2:]}-0000.mp4")[0].shape[0] == frames_out
+    assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "x"), "--prompt", "a dog"]) == 2
+    assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "x"), "--class", "9"]) == 2
 
 
 def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthetic_shards) -> None:
@@ -74,6 +82,11 @@ def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthet
     assert len(wavs) == 2 and (out / "sample-spectrograms.png").is_file()
     wave, rate = soundfile.read(wavs[0])
     assert rate == 8000 and len(wave) == model.codec.samples(model.tokenizer.frames) and abs(wave).max() <= 1.0
+    ckpt = str(tmp_path / "runs/m/checkpoints/last.ckpt")  # 3 s of audio, though the model trained on shorter clips
+    assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "long"), "--steps", "1", "--seconds", "3"]) == 0
+    long, _ = soundfile.read(tmp_path / "long" / "sample-0000.wav")
+    assert abs(len(long) / 8000 - 3) < 2 * 2 * model.codec.hop / 8000  # within a token of 3 s
+    assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "x"), "--frames", "8"]) == 2
 
 
 def test_audio_evaluate_scores_a_tiny_model(tmp_path: Path, synthetic_shards) -> None:
