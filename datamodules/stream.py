@@ -99,6 +99,9 @@ class TooManyBadSamples(RuntimeError):
 class SkipCounter:
     """Skip, count and log bad samples (``BadSample``) and unreadable shard data, per shard.
 
+    Each bad sample is named once (the first ``max_logged`` of them), not again when a later epoch
+    meets it; every one is counted.
+
     Raises TooManyBadSamples once more than ``max_bad_fraction`` of at least ``min_seen`` samples
     were bad. Counts belong to one dataloader worker of one rank (each worker holds its own copy);
     the stop message says which, and names the shards with the most bad samples.
@@ -108,6 +111,7 @@ class SkipCounter:
         self.max_bad_fraction, self.min_seen, self.max_logged, self.rank = max_bad_fraction, min_seen, max_logged, rank
         self.good = self.bad = self.bad_shards = 0
         self.bad_by_shard: collections.Counter[str] = collections.Counter()
+        self.logged: set[str] = set()  # a bad sample is named once, not again in every epoch
 
     def passed(self, src: Iterable) -> Iterator:
         """Stage after the last fallible stage: counts the samples that made it."""
@@ -123,7 +127,9 @@ class SkipCounter:
         self.bad += 1
         self.bad_by_shard[shard] += 1
         seen = self.good + self.bad
-        if self.bad <= self.max_logged or self.bad % 1000 == 0:
+        where = str(exn).split(": ", 1)[0]  # "<shard>:<key>" (the BadSample convention)
+        if where not in self.logged and (len(self.logged) < self.max_logged or self.bad % 1000 == 0):
+            self.logged.add(where)
             log.warning("skipped bad sample %s (%d of %d bad so far)", exn, self.bad, seen)
         if seen >= self.min_seen and self.bad > self.max_bad_fraction * seen:
             worst = ", ".join(f"{url} ({n})" for url, n in self.bad_by_shard.most_common(3))

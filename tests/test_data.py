@@ -352,3 +352,17 @@ def test_pipelines_pickle_for_spawned_workers(synthetic_shards):
     module = ShardDataModule(synthetic_shards, val_shards=synthetic_shards, batch_size=8, num_workers=0)
     for loader in (module.train_dataloader(), module.val_dataloader()):
         pickle.loads(pickle.dumps(loader.dataset))
+
+
+def test_a_bad_sample_is_named_once_not_in_every_epoch(tmp_path, caplog):
+    """Training meets the same broken sample every epoch: it is counted each time but named once."""
+    good = png_bytes(np.full((32, 32, 3), 100, np.uint8))
+    shard = write_raw_tar(tmp_path / "one-bad.tar", [("g0.png", good), ("corrupt.png", good[:40]), ("g1.png", good),
+                                                     ("g2.png", good)])
+    module = ShardDataModule(shard, batch_size=1, num_workers=0, max_bad_fraction=1.0, samples_per_epoch=3)
+    with caplog.at_level(logging.WARNING, logger="duoflow.data"):
+        loader = module.train_dataloader()
+        for _ in range(3):  # three epochs over the same shard
+            list(loader)
+    named = [r for r in caplog.records if r.name == "duoflow.data" and "corrupt" in r.getMessage()]
+    assert len(named) == 1
