@@ -53,9 +53,21 @@ def quiet_known_noise() -> None:
         logging.getLogger(name).propagate = False  # Lightning already prints these lines itself
 
 
+class AboveTheBars(logging.StreamHandler):
+    """Log lines printed above any progress bar (tqdm's, Lightning's), never into the bar's own line."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            from tqdm import tqdm
+
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:
+            self.handleError(record)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s", handlers=[AboveTheBars()])
     quiet_known_noise()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")

@@ -211,3 +211,19 @@ def test_configs_follow_the_shards_classes_and_conditioning(tmp_path: Path, imag
         assert main(["fit", "--config", TINY, *SMALL, "--runs_dir", str(runs), "--name", name, *extra]) == 2
         err = capsys.readouterr().err
         assert expected in err and "Traceback" not in err and not (runs / name).exists(), err
+
+
+def test_log_lines_go_above_progress_bars(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A warning during a progress bar is written through tqdm.write (above the bar), not into its line."""
+    import logging
+
+    import tqdm
+
+    from app.__main__ import AboveTheBars
+
+    written = []
+    monkeypatch.setattr(tqdm.tqdm, "write", classmethod(lambda cls, text, file=None: written.append(text)))
+    handler = AboveTheBars()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    handler.emit(logging.LogRecord("duoflow.data", logging.WARNING, __file__, 1, "skipped bad sample %s", ("k",), None))
+    assert written == ["WARNING duoflow.data: skipped bad sample k"]
