@@ -10,20 +10,7 @@ from datamodules import synthetic, writers
 def parse(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="duoflow shards", description="Write WebDataset tar shards.")
     sub = ap.add_subparsers(dest="source", required=True)
-    img = sub.add_parser("images", help="an image folder (one sub-folder per class, optional same-name .txt captions)")
-    img.add_argument("src", help="folder with one sub-folder per class")
-    img.add_argument("out", help="output folder for the shards")
-    img.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
-    img.add_argument("--prefix", default="img", help="shard file name prefix (default img)")
-    aud = sub.add_parser(
-        "audio", help="an audio folder: <name>.wav|flac, or <class>/<name>.wav|flac, optional same-name .txt captions",
-        description="Shard a folder of WAV/FLAC files. With class sub-folders, class ids are the sorted folder names "
-                    "(written to OUT/classes.json); otherwise samples have no class. A <name>.txt beside a file is its "
-                    "caption. Audio is stored as its original bytes; unreadable files are skipped with a warning.")
-    aud.add_argument("src", help="folder of .wav/.flac files, or of class sub-folders holding them")
-    aud.add_argument("out", help="output folder for the shards")
-    aud.add_argument("--shard-size", type=int, default=1000, help="clips per shard (default 1000)")
-    aud.add_argument("--prefix", default="audio", help="shard file name prefix (default audio)")
+    add_media_parsers(sub)
     shp = sub.add_parser(
         "shapes", help="a mesh folder: <name>.ply|obj|off, or <class>/<name>.ply|obj|off, optional .txt captions",
         description="Shard a folder of PLY/OBJ/OFF meshes into shape samples (surface points, occupancy queries and "
@@ -60,6 +47,36 @@ def parse(argv: list[str]) -> argparse.Namespace:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--size", type=int, default=None, help="image / video frame side in pixels (default: the kind's own)")
     return ap.parse_args(argv)
+
+
+FOLDER_RULES = ("With class sub-folders, class ids are the sorted folder names (OUT/classes.json); otherwise samples "
+                "have no class unless --captions gives one. Captions: --captions, else <name>.txt, else <name>.json "
+                "{{\"caption\": ...}}. {stored} are skipped, counted and named.")
+"""The folder rules every folder command shares (datamodules/sources.py); {stored}: how files are kept and checked."""
+
+
+def add_folder_options(p: argparse.ArgumentParser, noun: str) -> None:
+    """OUT, --captions and --holdout: the same meaning for every folder command (datamodules/sources.py)."""
+    p.add_argument("out", help="output folder for the shards (with --holdout: OUT/train and OUT/holdout)")
+    p.add_argument("--captions", default=None, help="caption manifest: .csv (header: path,caption[,class]) or .jsonl")
+    p.add_argument("--holdout", type=float, default=0.0,
+                   help=f"fraction of {noun} (by a hash of their path) written to OUT/holdout, the rest to OUT/train")
+
+
+def add_media_parsers(sub: argparse._SubParsersAction) -> None:
+    """``shards images`` and ``shards audio``: one sample per file, stored as its original bytes."""
+    for name, noun, formats, extensions, kept, prefix in (
+        ("images", "images", "PNG/JPEG/WebP images", "png|jpg|jpeg|webp", "Images are decoded once here and stored as their original bytes; "
+         "empty, truncated, non-image and oversized files", "img"),
+        ("audio", "audio files", "WAV/FLAC files", "wav|flac", "Audio is decoded once here and stored as its original bytes; empty and "
+         "unreadable files", "audio"),
+    ):
+        p = sub.add_parser(name, help=f"a folder of {noun}: <name>.{extensions} or <class>/<name>.*, optional captions",
+                           description=f"Shard a folder of {formats}. " + FOLDER_RULES.format(stored=kept))
+        p.add_argument("src", help=f"folder of {noun}, or of class sub-folders holding them")
+        add_folder_options(p, noun)
+        p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
+        p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix})")
 
 
 def add_encode_parser(sub: argparse._SubParsersAction) -> None:
@@ -104,12 +121,10 @@ def add_clip_parsers(sub: argparse._SubParsersAction) -> None:
             description="Cut every video of SRC into clips of --frames frames at --fps (frame k = the source frame shown "
                         "at start + k/fps), every --stride seconds, resized to --size, and store each clip as npy uint8 "
                         "(T, H, W, 3) with json metadata" + (" and its soundtrack (mono wav at --sample-rate, exactly "
-                        "the clip's span); videos without audio are skipped" if sound else "") + ". With class "
-                        "sub-folders, class ids are the sorted folder names (OUT/classes.json). Captions: --captions, "
-                        "else <name>.txt, else <name>.json {\"caption\": ...}. Unreadable and too short files are "
-                        "skipped, counted and named.")
+                        "the clip's span); videos without audio are skipped" if sound else "") + ". "
+                        + FOLDER_RULES.format(stored="Unreadable and too short files"))
         p.add_argument("src", help="folder of video files, or of class sub-folders holding them")
-        p.add_argument("out", help="output folder for the shards (with --holdout: OUT/train and OUT/holdout)")
+        add_folder_options(p, "videos")
         p.add_argument("--frames", type=int, default=16, help="frames per clip (default 16)")
         p.add_argument("--fps", type=float, default=8.0, help="frame rate of the clips (default 8)")
         p.add_argument("--stride", type=float, default=None,
@@ -122,9 +137,6 @@ def add_clip_parsers(sub: argparse._SubParsersAction) -> None:
                        help="skip clips whose mean absolute frame difference (0-255 levels) is below this (default off)")
         if sound:
             p.add_argument("--sample-rate", type=int, default=16000, help="soundtrack rate in Hz (default 16000)")
-        p.add_argument("--captions", default=None, help="caption manifest: .csv (header: path,caption[,class]) or .jsonl")
-        p.add_argument("--holdout", type=float, default=0.0,
-                       help="fraction of videos (by a hash of their path) written to OUT/holdout, the rest to OUT/train")
         p.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
         p.add_argument("--shard-size", type=int, default=100, help="clips per shard (default 100; npy clips are large)")
         p.add_argument("--prefix", default=name.rstrip("s"), help=f"shard file name prefix (default {name.rstrip('s')})")
@@ -146,11 +158,13 @@ def write_clips(args: argparse.Namespace) -> list[str]:
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.source == "images":
-        paths = writers.write_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        paths = writers.write_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                                           captions=args.captions, holdout=args.holdout)
     elif args.source == "audio":
         from datamodules.audio import write_audio_folder  # torchaudio only when sharding audio
 
-        paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix)
+        paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
+                                   captions=args.captions, holdout=args.holdout)
     elif args.source == "shapes":
         from datamodules.shapes import write_mesh_folder
 

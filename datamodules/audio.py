@@ -11,9 +11,6 @@ Waves are band-limited (additive synthesis below 0.45 * sample_rate), so nothing
 from __future__ import annotations
 
 import io
-import logging
-import os
-import random
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -23,14 +20,11 @@ import numpy as np
 import soundfile
 import torch
 import torchaudio.functional as AF
-from tqdm import tqdm
 
-from datamodules.decoders import BadSample
+from datamodules.decoders import BadSample, decode_audio
 from datamodules.media.spec import MediaSpec
 from datamodules.transforms import SampleTransform
-from datamodules.writers import ShardWriter, write_classes
-
-log = logging.getLogger(__name__)
+from datamodules.writers import write_media_folder
 
 TIMBRES = ("sine", "square", "sawtooth", "plucked")
 SCALE_MIDI = (57, 60, 62, 64, 67, 69, 72, 74, 76, 79)
@@ -176,49 +170,30 @@ def spoken_words(
     return generate()
 
 
-def write_audio_folder(src: str, out: str, shard_size: int = 1000, prefix: str = "audio", progress: bool = True) -> list[str]:
-    """Shard ``src/<name>.{wav,flac}`` or ``src/<class>/<name>.{wav,flac}`` plus optional ``<name>.txt`` captions.
+def read_audio(path: Path) -> dict:
+    """An audio file's original bytes under its extension, after one full decode (soundfile); empty audio is refused."""
+    data = path.read_bytes()
+    try:
+        audio, sample_rate = decode_audio(data)
+    except soundfile.LibsndfileError as exn:
+        raise ValueError(f"not WAV/FLAC audio: {exn.error_string}") from exn
+    if not len(audio):
+        raise ValueError("no samples")
+    return {path.suffix[1:].lower(): data, "json": {"sample_rate": sample_rate, "seconds": round(len(audio) / sample_rate, 4)}}
 
-    With class sub-folders, class ids are the sorted folder names (``<out>/classes.json``) and
-    files directly in ``src`` are ignored; without sub-folders the samples have no ``cls``. Audio
-    is stored as its original bytes (not re-encoded) in a fixed shuffled order; files whose
-    header soundfile cannot read are skipped with a warning naming their path.
+
+def write_audio_folder(
+    src: str, out: str, shard_size: int = 1000, prefix: str = "audio", progress: bool = True, captions: str | None = None,
+    holdout: float = 0.0,
+) -> list[str]:
+    """Shard an audio folder (``src/[<class>/]<name>.{wav,flac}``, see ``datamodules.sources``); the shard paths.
+
+    Each file is decoded once here (not only its header), so that a broken one is skipped and named now;
+    the good ones are stored as their original bytes (not re-encoded).
     """
-    root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"audio folder {src!r} does not exist; expected a directory of .wav/.flac files or class folders")
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    folders = [(label, root / name) for label, name in enumerate(classes)] or [(None, root)]
-    files = [
-        (label, path)
-        for label, folder in folders
-        for path in sorted(folder.iterdir())
-        if path.is_file() and path.suffix[1:].lower() in AUDIO_EXTENSIONS
-    ]
-    readable = []
-    for label, path in files:
-        try:
-            info = soundfile.info(str(path))
-        except Exception as exn:  # noqa: BLE001 - any header failure means the file cannot be used
-            log.warning("write_audio_folder: skipping unreadable audio %s: %s", path, str(exn).strip() or type(exn).__name__)
-            continue
-        readable.append((label, path, info))
-    if not readable:
-        raise ValueError(f"audio folder {src!r} holds no readable audio; expected {src}/[<class>/]<name>.{{wav,flac}}")
-    random.Random(0).shuffle(readable)
-    if classes:
-        write_classes(out, classes)
-    with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
-        for i, (label, path, info) in enumerate(tqdm(readable, desc=f"shards {src}", unit="clip", disable=not progress)):
-            meta = {"path": str(path.relative_to(root)), "sample_rate": info.samplerate, "seconds": round(info.duration, 4)}
-            sample = {"__key__": f"{i:08d}", path.suffix[1:].lower(): path.read_bytes(), "json": meta}
-            if label is not None:
-                sample["cls"], meta["class"] = label, classes[label]
-            caption = path.with_suffix(".txt")
-            if caption.is_file():
-                sample["txt"] = caption.read_text(encoding="utf-8").strip()
-            writer.write(sample)
-    return writer.paths
+    return write_media_folder(src, out, read_audio, AUDIO_EXTENSIONS, "audio file", "readable audio files",
+                              captions=captions, holdout=holdout, shard_size=shard_size, prefix=prefix,
+                              progress=progress).paths
 
 
 class AudioTransform(SampleTransform):

@@ -6,25 +6,35 @@ shard every ``maxcount`` samples. A re-run with the same input writes identical 
 closes, it records the sample count of every shard in ``<out>/index.json``
 (``{"shards": {"img-000000.tar": 1000}}``), which ``shards.count_samples`` reads instead of
 scanning the tars.
+
+``write_media_folder`` shards a folder with one sample per file (images, audio): the files, classes,
+captions and holdout split come from ``datamodules.sources``, ``SplitWriter`` writes OUT (or OUT/train
+and OUT/holdout), and each file is decoded once on the way so that a broken one is skipped and named.
 """
 
 from __future__ import annotations
 
 import io
 import json
+import logging
 import os
 import random
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import safetensors.numpy
 import soundfile
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from datamodules.decoders import IMAGE_EXTENSIONS
+from datamodules.decoders import IMAGE_EXTENSIONS, BadSample, decode_image
+from datamodules.sources import MediaFile, Report, Skipped, find_sources, split_folders, split_of
+
+log = logging.getLogger(__name__)
 
 INDEX_NAME = "index.json"
 CLASSES_NAME = "classes.json"
@@ -150,37 +160,105 @@ def write_classes(out: str, names: list[str]) -> None:
     (Path(out) / CLASSES_NAME).write_text(json.dumps(list(names), indent=1) + "\n")
 
 
-def write_image_folder(src: str, out: str, shard_size: int = 1000, prefix: str = "img", progress: bool = True) -> list[str]:
-    """Shard an image folder: ``src/<class>/<name>.{png,jpg,jpeg,webp}`` (class ids = the sorted class
-    folder names, written to ``<out>/classes.json``) or, without sub-folders, ``src/<name>.*`` (no
-    class); optional same-name ``.txt`` captions.
+class SplitWriter:
+    """One ShardWriter per split folder (``sources.split_folders(out, holdout)``), classes.json in each;
+    ``split`` picks a file's."""
 
-    Images are stored as their original bytes (decoded and checked when read), in a fixed shuffled
-    order so that a shard mixes classes; keys are ``00000000``, ``00000001``, ...
+    def __init__(self, folders: dict[str, Path], holdout: float, classes: list[str], prefix: str, shard_size: int):
+        if shard_size < 1:
+            raise ValueError(f"--shard-size: expected >= 1, got {shard_size}")
+        self.holdout = holdout
+        for folder in folders.values() if classes else ():
+            write_classes(str(folder), classes)
+        self.writers = {split: ShardWriter(os.path.join(folder, f"{prefix}-%06d.tar"), maxcount=shard_size)
+                        for split, folder in folders.items()}
+
+    def split(self, file: MediaFile) -> str:
+        return split_of(file, self.holdout)
+
+    def write(self, split: str, sample: dict) -> None:
+        self.writers[split].write(sample)
+
+    def close(self) -> list[str]:
+        return [path for writer in self.writers.values() for path in writer.close()]
+
+
+def labelled(file: MediaFile, classes: list[str], key: str, fields: dict) -> dict:
+    """The shard sample of ``fields`` under ``key``; its ``json`` gains the file's path and class, ``cls`` and ``txt`` beside."""
+    meta = {"path": file.name, **fields.get("json", {})}
+    sample = {"__key__": key, **fields, "json": meta}
+    if file.label is not None:
+        sample["cls"], meta["class"] = file.label, classes[file.label]
+    if file.caption:
+        sample["txt"] = file.caption
+    return sample
+
+
+def write_media_folder(
+    src: str, out: str, read: Callable[[Path], dict], extensions: tuple[str, ...], unit: str, noun: str,
+    captions: str | None = None, holdout: float = 0.0, shard_size: int = 1000, prefix: str = "sample",
+    progress: bool = True,
+) -> Report:
+    """Shard a folder with one sample per file (layout, captions, holdout: ``datamodules.sources``).
+
+    ``read(path)`` decodes the file once and returns its media fields (and ``json``) or raises: ``Skipped``
+    files are counted under its reason, any other exception under "unreadable"; either way the file is named
+    in a warning and in the summary, which is logged at the end. Files are written in a fixed shuffled order
+    (so that a shard mixes classes), keyed by their position in the sorted file list (8 digits). ``unit``
+    names a sample in the summary ("image"), ``noun`` the files in the errors of ``list_media``.
     """
-    root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"image folder {src!r} does not exist; expected a directory of images or of class sub-folders")
-    is_image = lambda path: path.is_file() and path.suffix[1:].lower() in IMAGE_EXTENSIONS  # noqa: E731
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
-    files = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir()) if is_image(path)]
-    if not classes:
-        files = [(-1, path) for path in sorted(root.iterdir()) if is_image(path)]
-    if not files:
-        raise ValueError(
-            f"image folder {src!r} holds no images; expected {src}/[<class>/]<name>.{{{','.join(IMAGE_EXTENSIONS)}}}"
-        )
-    random.Random(0).shuffle(files)
-    if classes:
-        write_classes(out, classes)
-    with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
-        for i, (label, path) in enumerate(tqdm(files, desc=f"shards {src}", unit="img", disable=not progress)):
-            sample = {"__key__": f"{i:08d}", path.suffix[1:].lower(): path.read_bytes(),
-                      "json": {"path": str(path.relative_to(root))}}
-            if label >= 0:
-                sample["cls"], sample["json"]["class"] = label, classes[label]
-            caption = path.with_suffix(".txt")
-            if caption.is_file():
-                sample["txt"] = caption.read_text(encoding="utf-8").strip()
-            writer.write(sample)
-    return writer.paths
+    folders = split_folders(out, holdout)
+    classes, files = find_sources(src, extensions, noun, captions)
+    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
+    report = Report(unit=unit, source=unit, files=len(files), written={split: 0 for split in writer.writers})
+    order = list(files)
+    random.Random(0).shuffle(order)
+    started = time.perf_counter()
+    try:
+        for file in tqdm(order, desc=f"shards {src}", unit=unit, disable=not progress):
+            try:
+                if file.path.stat().st_size == 0:
+                    raise Skipped("unreadable", "empty file")
+                fields = read(file.path)
+            except Skipped as exn:
+                report.skip(file, exn.reason, str(exn))
+                continue
+            except Exception as exn:  # noqa: BLE001 - whatever a broken file raises means "unreadable", named and counted
+                report.skip(file, "unreadable", str(exn).strip() or type(exn).__name__)
+                continue
+            split = writer.split(file)
+            writer.write(split, labelled(file, classes, f"{file.index:08d}", fields))
+            report.written[split] += 1
+            report.used += 1
+    finally:
+        report.paths = writer.close()
+    report.seconds = time.perf_counter() - started
+    if not report.paths:
+        raise ValueError(f"no {unit}s written from {src}: {report.summary()}")
+    log.info("%s", report.summary())
+    return report
+
+
+def read_image(path: Path) -> dict:
+    """An image file's original bytes under its extension, after one full decode (``decode_image``: pixel guard)."""
+    data = path.read_bytes()
+    try:
+        height, width = decode_image(data).shape[:2]
+    except BadSample as exn:  # the decompression-bomb guard: a readable header, too many pixels
+        raise Skipped("too large", str(exn)) from exn
+    except UnidentifiedImageError as exn:
+        raise ValueError("not a PNG, JPEG or WebP image") from exn
+    return {path.suffix[1:].lower(): data, "json": {"width": width, "height": height}}
+
+
+def write_image_folder(
+    src: str, out: str, shard_size: int = 1000, prefix: str = "img", progress: bool = True, captions: str | None = None,
+    holdout: float = 0.0,
+) -> list[str]:
+    """Shard an image folder (``src/[<class>/]<name>.{png,jpg,jpeg,webp}``, see ``datamodules.sources``); the shard paths.
+
+    Each image is decoded once here, so that a broken one (empty, truncated, not an image, too many pixels)
+    is skipped and named now rather than met in training; the good ones are stored as their original bytes.
+    """
+    return write_media_folder(src, out, read_image, IMAGE_EXTENSIONS, "image", "images", captions=captions,
+                              holdout=holdout, shard_size=shard_size, prefix=prefix, progress=progress).paths
