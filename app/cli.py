@@ -58,6 +58,8 @@ def follow_the_shards(cfg: Namespace) -> None:
     kind, where = str(cond.get("class_path", "")), Path(urls[0]).parent
     if not offer:
         return
+    if offer.get("empty"):
+        raise UserError(f"train shards {data.train_shards!r} hold no samples ({urls[0]} is empty)")
     holds = " and ".join(n for n, k in (("class labels", "labels"), ("captions", "captions")) if offer[k]) or "neither class labels nor captions"
     if kind in CLASS_CONDITIONS:
         args = cond.get("init_args") or Namespace()

@@ -100,12 +100,13 @@ def first_sample_fields(url: str) -> set[str]:
 def shard_conditions(urls: list[str]) -> dict:
     """What conditioning the shards offer: ``classes`` (names from classes.json beside them, or None), and
     whether their first sample has a class label (``labels``) and a caption or cached caption embeddings
-    (``captions``); {} for remote or empty shards (nothing to say about them here)."""
+    (``captions``); ``{"empty": True}`` when the first shard holds no sample; {} for remote shards
+    (nothing is read from them here)."""
     if not urls or is_remote(urls[0]):
         return {}
     names = Path(urls[0]).parent / "classes.json"
     fields = first_sample_fields(urls[0])
-    if not fields:  # an empty shard: the data module says so ("hold no samples")
-        return {}
+    if not fields:
+        return {"empty": True}
     return {"classes": json.loads(names.read_text()) if names.is_file() else None, "labels": "cls" in fields,
             "captions": "txt" in fields or "text.safetensors" in fields}
