@@ -98,7 +98,7 @@ def main(argv: list[str]) -> int:
         raise UserError(f"--num {args.num}: expected a positive number of samples")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema)
-    classes = getattr(model.cond, "num_classes", None)  # ClassEmbedder's; text and unconditional models have none
+    classes = model.cond.num_classes
     if args.cls is not None:
         if classes is None:
             raise UserError(f"--class: {args.ckpt} is not a class model ({type(model.cond).__name__}); "

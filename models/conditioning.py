@@ -26,6 +26,8 @@ class ConditionModule(nn.Module):
 
     fingerprints: list[str] = []
     """Of pretrained text encoders' folders (recorded in checkpoints, checked against cached embeddings)."""
+    num_classes: int | None = None
+    """Classes of a class-conditional model (labels 0..num_classes-1); None: conditioned on something else."""
 
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:  # pragma: no cover
         raise NotImplementedError

@@ -99,23 +99,21 @@ class FlowMatchingModule(RunState, L.LightningModule):
         self.x_out = nn.ModuleList()
         self.add_stream("x", tokenizer, codec)
         self.init_run_state()
-        self.last_lengths: list[int] = []
-        """Joint tokens per sample of the last training batch (read by the Throughput callback)."""
 
     def add_stream(self, key: str, tokenizer: Tokenizer, codec: Codec | None = None,
                    config_key: str = "model.tokenizer") -> None:
         """A generated stream: batch[key] -> codec.encode -> tokenizer -> its own in/out projections.
 
         A tokenizer's ``channels`` follow the codec's latent channels (3 for pixels)."""
-        if hasattr(tokenizer, "channels") and (codec is None or codec.latent_channels is not None):
-            channels = codec.latent_channels if codec is not None else Identity.latent_channels
-            source = f"the codec's latent channels ({config_key.replace('tokenizer', 'codec')})" if codec is not None \
-                else "3 (pixels: no codec)"
-            tokenizer = replace(tokenizer, channels=agree(f"{config_key}.channels", tokenizer.channels, channels, source))
+        source = "3 (pixels: no codec)" if codec is None else f"the codec's latent channels ({config_key.replace('tokenizer', 'codec')})"
+        codec = codec if codec is not None else Identity()
+        if hasattr(tokenizer, "channels") and codec.latent_channels is not None:
+            tokenizer = replace(tokenizer, channels=agree(f"{config_key}.channels", tokenizer.channels,
+                                                          codec.latent_channels, source))
         self.keys.append(key)
         self.tokenizer_keys.append(config_key)
         self.tokenizers.append(tokenizer)
-        self.codecs.append(codec if codec is not None else Identity())
+        self.codecs.append(codec)
         self.x_in.append(nn.Linear(tokenizer.token_dim, self.backbone_cfg.dim))
         out = nn.Linear(self.backbone_cfg.dim, tokenizer.token_dim)
         nn.init.zeros_(out.weight)  # the model predicts v = 0 at init, like adaLN-Zero blocks
@@ -127,7 +125,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
         return self.tokenizers[0]
 
     @property
-    def codec(self) -> nn.Module:
+    def codec(self) -> Codec:
         return self.codecs[0]
 
     def media_spec(self) -> MediaSpec:

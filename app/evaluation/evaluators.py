@@ -156,7 +156,7 @@ def num_classes_of(train_shards: str | list[str], model: Any) -> int:
     names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
     if names.is_file():
         return len(json.loads(names.read_text()))
-    n = getattr(model.cond, "num_classes", None)
+    n = model.cond.num_classes
     if n is None:
         raise UserError(f"{names}: not found, and the model is not class-conditional; the feature net "
                         "needs the class names of the training shards (written by `duoflow shards`)")

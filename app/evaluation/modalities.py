@@ -71,7 +71,7 @@ class ImageEvaluator(FeatureEvaluator):
         """The held-out captions a text model is conditioned on, when they are synthetic shape captions
         (the caption-following checker reads colour, shape and position back); else None."""
         captions = list(held_out.get("txt") or [])
-        text_model = getattr(self.model.cond, "num_classes", None) is None
+        text_model = self.model.cond.num_classes is None
         if not text_model or not captions or any(parse_caption(c) is None for c in captions):
             return None
         return captions

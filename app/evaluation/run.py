@@ -17,7 +17,7 @@ def conditions_for(model: Any, num: int, real: dict[str, Any] | None = None) -> 
 
     Class-conditional: classes 0..K-1 in turn (balanced). Text-conditional: the captions of the
     real held-out samples (their labels, when they have any). Otherwise the model's previews."""
-    num_classes = getattr(model.cond, "num_classes", None)
+    num_classes = model.cond.num_classes
     if num_classes:
         labels = torch.arange(num) % num_classes
         return {"cls": labels.tolist()}, labels
