@@ -164,6 +164,7 @@ class Encoder:
         latents = {key: codec.encode_raw(torch.stack([s[key] for _, s in batch])).float().cpu()  # (B, C, ...)
                    for key, codec in self.codecs.items()}
         text = self.text.encode([s["txt"] for _, s in batch]) if self.text is not None else None
+        per_encoder = [text.unpadded(j) for j in range(len(text.tokens))] if text is not None else []  # split once
         out = []
         for i, (decoded, sample) in enumerate(batch):
             zs = {fields[key]: z[i] for key, z in latents.items()}
@@ -175,7 +176,7 @@ class Encoder:
             stored = {"__key__": sample["__key__"], **{f: z.numpy() for f, z in zs.items()},
                       **{k: decoded[k] for k in KEPT_FIELDS if k in decoded}}
             if text is not None:
-                tokens = {f"tokens_{j}": text.unpadded(j)[i].cpu().numpy() for j in range(len(text.tokens))}
+                tokens = {f"tokens_{j}": captions[i].cpu().numpy() for j, captions in enumerate(per_encoder)}
                 stored["text.safetensors"] = {**tokens, "pooled": text.pooled[i].cpu().numpy()}
             for f, z in zs.items():
                 result.stats.setdefault(f, LatentStats()).update(z[None])
