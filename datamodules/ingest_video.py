@@ -34,8 +34,8 @@ from dataclasses import dataclass
 
 from tqdm import tqdm
 
-from datamodules.sources import MediaFile, Report, find_sources, plural, split_folders
-from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, SkippedVideo, VideoClips, read_clips
+from datamodules.sources import MediaFile, Report, Skipped, find_sources, plural, split_folders
+from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, VideoClips, read_clips
 from datamodules.writers import SplitWriter, labelled
 
 
@@ -62,7 +62,7 @@ def read_one(task: tuple[int, str, ClipOptions]) -> tuple[int, VideoClips | None
     index, path, options = task
     try:
         return index, read_clips(path, options), "", ""
-    except SkippedVideo as exn:
+    except Skipped as exn:
         return index, None, exn.reason, str(exn)
     except Exception as exn:  # noqa: BLE001 - anything a broken file raises means "unreadable", named and counted
         return index, None, "unreadable", str(exn).strip() or type(exn).__name__

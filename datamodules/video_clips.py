@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 
 from datamodules.decoders import MAX_IMAGE_PIXELS, MAX_VIDEO_FRAMES
+from datamodules.sources import Skipped
 
 DEMUXERS = {"mp4": "mp4", "mov": "mov", "webm": "matroska", "mkv": "matroska", "avi": "avi", "gif": "gif"}
 """File extension -> the one FFmpeg demuxer tried (no format probing: a playlist or concat file
@@ -122,14 +123,6 @@ class VideoClips:
     """Clips skipped as below min_motion."""
     silent: int = 0
     """Clips skipped because the soundtrack ends more than one frame before the clip does."""
-
-
-class SkippedVideo(Exception):
-    """A readable video that yields nothing: ``reason`` is the summary's category ("too short", "without audio")."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(detail)
-        self.reason = reason
 
 
 def frame_geometry(height: int, width: int, options: ClipOptions) -> tuple[int, int, int, int]:
@@ -284,7 +277,7 @@ def motion(frames: np.ndarray) -> float:
 def read_clips(path: str | Path, options: ClipOptions) -> VideoClips:
     """Decode one video file into its clips (and their soundtracks when ``options.sample_rate`` is set).
 
-    Raises SkippedVideo for a readable file without clips (shorter than one clip, no audio
+    Raises Skipped for a readable file without clips (shorter than one clip, no audio
     stream where one is needed), any other exception for a file that cannot be read.
     """
     import av  # lazily: PyAV only when videos are read
@@ -305,7 +298,7 @@ def read_clips(path: str | Path, options: ClipOptions) -> VideoClips:
         streams, sound = [video], None
         if options.sample_rate is not None:
             if not container.streams.audio:
-                raise SkippedVideo("without audio", "no audio stream")
+                raise Skipped("without audio", "no audio stream")
             streams.append(container.streams.audio[0])
             sound = Soundtrack()
         sampler = FrameSampler(options)
@@ -343,14 +336,14 @@ def read_clips(path: str | Path, options: ClipOptions) -> VideoClips:
             continue
         if sound is not None:
             if sound.start is None:
-                raise SkippedVideo("without audio", "the audio stream holds no decodable sound")
+                raise Skipped("without audio", "the audio stream holds no decodable sound")
             clip.audio, covered = sound.span(first + clip.start, options.audio_samples, options.sample_rate)
             if covered < options.audio_samples - options.sample_rate / options.rate:  # pads at most one frame of silence
                 result.silent += 1
                 continue
         result.clips.append(clip)
     if not sampler.done:
-        raise SkippedVideo("too short", f"{float(seconds):.2f} s, shorter than one clip ({float(options.seconds):.2f} s)")
+        raise Skipped("too short", f"{float(seconds):.2f} s, shorter than one clip ({float(options.seconds):.2f} s)")
     return result
 
 
