@@ -73,16 +73,20 @@ def model_folder(path: str, subfolder: str | None = None) -> Path:
     return Path(root, subfolder) if subfolder else Path(root)
 
 
+def missing_folder(folder: Path, expected: str) -> FileNotFoundError | None:
+    """The one-line error for a model folder without config.json (gone, or not a model), else None."""
+    if (folder / "config.json").is_file():
+        return None
+    state = "has no config.json" if folder.is_dir() else "does not exist"
+    return FileNotFoundError(f"pretrained folder {str(folder)!r} {state}; expected {expected}")
+
+
 def read_config(folder: Path, expected: str = "") -> dict:
     """``folder/config.json`` as a dict; a missing folder or file is one FileNotFoundError line."""
-    file = folder / "config.json"
-    if not file.is_file():
-        state = "has no config.json" if folder.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"pretrained folder {str(folder)!r} {state}; expected a folder written by save_pretrained{expected} "
-            "(check path= and subfolder=)"
-        )
-    return json.loads(file.read_text())
+    error = missing_folder(folder, f"a folder written by save_pretrained{expected} (check path= and subfolder=)")
+    if error:
+        raise error
+    return json.loads((folder / "config.json").read_text())
 
 
 def config_digest(config: dict) -> str:
@@ -140,12 +144,10 @@ def check_fingerprint(path: str, subfolder: str | None, expected: str, tokenizer
     wanted = expected.split("-")
     if not 2 <= len(wanted) <= len(PART_NAMES):
         raise ValueError(f"fingerprint {expected!r} for {str(folder)!r} is malformed; expected 'config-weights[-tokenizer]' hex parts")
-    if not (folder / "config.json").is_file():
-        state = "has no config.json" if folder.is_dir() else "does not exist"
-        raise FileNotFoundError(
-            f"pretrained folder {str(folder)!r} {state}; expected the files with fingerprint {expected}: "
-            "restore them there or point path=/subfolder= to where they are now"
-        )
+    error = missing_folder(folder, f"the files with fingerprint {expected}: restore them there or point "
+                                   "path=/subfolder= to where they are now")
+    if error:
+        raise error
     tokenizer_folder = model_folder(path, tokenizer_subfolder or subfolder) if len(wanted) == 3 else None
     found = folder_fingerprint(folder, tokenizer_folder).split("-")
     differ = [name for name, a, b in zip(PART_NAMES, found, wanted) if a != b]
