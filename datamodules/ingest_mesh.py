@@ -40,7 +40,7 @@ from tqdm import tqdm
 
 from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.occupancy import inside_mesh
-from datamodules.parallel import ordered_map
+from datamodules.parallel import check_workers, ordered_map
 from datamodules.shapes import BOUND, near_surface_queries, occupancy_sample
 from datamodules.sources import MediaFile, Report, Skipped, plural
 from datamodules.writers import ShardWriter, write_classes
@@ -166,6 +166,7 @@ def write_mesh_folder(
     root = Path(src)
     if not root.is_dir():
         raise FileNotFoundError(f"mesh folder {src!r} does not exist; expected a directory of .ply/.obj/.off files")
+    check_workers(workers)
     classes, files = find_meshes(root)
     if not files:
         raise ValueError(f"mesh folder {src!r} holds no meshes; expected {src}/[<class>/]<name>.{{ply,obj,off}}")

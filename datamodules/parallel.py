@@ -13,15 +13,20 @@ def init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def check_workers(workers: int) -> int:
+    """``--workers``, checked before anything is written."""
+    if workers < 1:
+        raise ValueError(f"--workers: expected >= 1, got {workers}")
+    return workers
+
+
 @contextlib.contextmanager
 def ordered_map(fn: Callable[[Any], Any], tasks: list, workers: int) -> Iterator[Iterable]:
     """``fn`` over ``tasks`` in ``workers`` processes (in this one for 1), yielding results in task order.
 
     ``fn`` must never raise for a bad input (return the failure instead): the pool is torn down on exit.
     """
-    if workers < 1:
-        raise ValueError(f"--workers: expected >= 1, got {workers}")
-    if workers == 1 or len(tasks) <= 1:
+    if check_workers(workers) == 1 or len(tasks) <= 1:
         yield map(fn, tasks)
         return
     import multiprocessing
