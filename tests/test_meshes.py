@@ -56,6 +56,18 @@ def test_overlapping_parts_stay_inside_where_parity_would_not() -> None:
     assert not inside_mesh(v, f, np.array([[0.7, 0, 0], [0, 0.5, 0]])).any()
 
 
+def test_faces_flipped_here_and_there_still_read_as_solid() -> None:
+    """Inconsistent orientation (common in real meshes) breaks signed counts and the exact winding number, not parity."""
+    v, f = icosphere(2, 0.7)
+    f = np.where((np.arange(len(f)) % 3 == 0)[:, None], f[:, ::-1], f)  # every third face flipped
+    q = np.random.default_rng(1).uniform(-1, 1, (5000, 3))
+    r = np.linalg.norm(q, axis=1)
+    soup = v[f].reshape(-1, 3), np.arange(3 * len(f)).reshape(-1, 3)  # no shared vertices, as STL files store it
+    for got in (inside_mesh(v, f, q), inside_mesh(*soup, q)):
+        assert got[r < 0.68].all() and not got[r > 0.7].any()
+    assert (np.abs(winding_number(v, f, q[r < 0.68])) < 0.5).any()  # why sharding does not trust w alone
+
+
 def test_inside_agrees_with_the_exact_winding_number_on_a_realistic_mesh() -> None:
     """Three parts, one open (the tube): the fast labels vs the exact generalised winding number's."""
     v, f = realistic_mesh()
