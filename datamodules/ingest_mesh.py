@@ -79,6 +79,8 @@ class MeshOptions:
             raise ValueError(f"--scale: expected 'fit' or a positive number, got {self.scale}")
         if self.scale is None and self.units != "m":
             raise ValueError(f"--units {self.units} needs a numeric --scale (cube units per metre); --scale fit ignores sizes")
+        if not 0 <= self.min_inside <= 1:
+            raise ValueError(f"--min-inside: expected a fraction in [0, 1], got {self.min_inside}")
         if self.points < 1 or self.queries < 2:
             raise ValueError(f"--points and --queries: expected >= 1 and >= 2, got {self.points} and {self.queries}")
 
