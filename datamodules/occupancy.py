@@ -52,7 +52,7 @@ def winding_number(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, 
 
 
 def ray_crossings(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(winding number estimate (M,), rays crossing an odd number of faces (M,) of RAYS) per point."""
+    """(winding number estimate (M,), how many of the RAYS rays from each point cross an odd number of faces (M,))."""
     v = np.asarray(vertices, np.float64)
     p = np.asarray(points, np.float64).reshape(-1, 3)
     total = np.zeros((len(p), 3))
