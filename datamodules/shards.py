@@ -58,7 +58,8 @@ class ShardDataModule(lightning.LightningDataModule):
         num_workers: Dataloader worker processes per rank (0 = in the main process).
         shuffle_buffer: Samples held in each worker's shuffle buffer.
         seed: Seed for the shard order and the shuffle buffers.
-        samples_per_epoch: Samples per epoch over all ranks; None counts the train shards.
+        samples_per_epoch: Samples per epoch over all ranks; None: the train shards' sample count (each
+            epoch is then one pass over the data). Needed for remote shards (nothing is counted there).
         max_bad_fraction: Stop when more than this fraction of samples fail to decode.
         batch_budget: Close a training batch before it holds more than this many TOKENS (the
             transform's ``cost``: what the model's tokenizers make of a sample, for every modality;
@@ -66,6 +67,8 @@ class ShardDataModule(lightning.LightningDataModule):
             For mixed sizes: small images or short clips come many to a batch, large ones few. An
             epoch stays ``samples_per_epoch // (batch_size * world_size)`` batches, so set
             ``batch_size`` to the samples a typical batch holds. None: fixed ``batch_size``.
+
+    Epochs, the every-sample-once guarantees and resuming on other ranks x workers: ``datamodules/stream.py``.
 
     The transform follows the model: ``setup`` hands it the generator's ``MediaSpec``, so sizes,
     multiples and rates the data config leaves unset come from the model, and token counts use

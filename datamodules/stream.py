@@ -1,22 +1,54 @@
-"""The training stream: one rank's endless, resumable batches from WebDataset shards.
+"""The training stream: one rank's resumable batches from WebDataset shards, epoch by epoch.
 
-Training reads, in each epoch e, an endless stream: every pass over the shard list is a
-permutation seeded by (seed, e, pass), the SAME on every rank and worker, and each (rank,
-worker) takes every k-th shard of it. Nothing runs dry, so each rank yields exactly
-``samples_per_epoch // (batch_size * world_size)`` batches per epoch however the shards are
-sized, even with fewer shards than ranks x workers (they then share shards, with different
-shuffle seeds). The pipeline, in order:
+Epochs (the arithmetic is ``datamodules/epochs.py``). Pass p over the data set is the shard list
+permuted with seed (seed, p), the same on every rank and worker; the passes, concatenated, are one
+endless sample sequence, and epoch e is its window ``[e*S, e*S + M)``: ``S = samples_per_epoch``
+(default: the data set's size, so epoch e is pass e), ``M = batches * world_size * batch_size``,
+``batches = S // (world_size * batch_size)`` per rank. The window is cut into contiguous ranges, one
+per reader (rank, dataloader worker), each read through a shuffle buffer seeded by (seed, e,
+layout, reader). A reader opens only the shards its range touches and reads past the members
+before its range without decoding them. The pipeline of one reader, in order:
 
-    endless shard permutations -> split by rank -> split by worker -> tar members -> samples
-    -> shuffle buffer -> decode (allow-list) -> transform -> batch (fixed size or a token budget)
+    its range's shard slices -> tar members -> samples -> shuffle buffer -> [then a spill stream]
+    -> position count -> decode (allow-list) -> transform -> batch (fixed size or a token budget)
 
-Exact resume: the batches of epoch e are a pure function of (seed, e, rank, worker), so the
-checkpoint stores only the epoch and the batches each worker has delivered to the training loop
-(``state_dict``); a resumed run rebuilds that epoch and drops those batches (decoding them again:
-the cost is bounded by one epoch, so keep ``samples_per_epoch`` moderate on huge data sets).
-With 0 or 1 dataloader workers the batch order after a resume is the uninterrupted run's; with
-more, the rest of the interrupted epoch has the same batches in another worker interleaving, and
-later epochs are identical again. Random augmentations drawn inside workers are not replayed.
+What holds (local shards, whose sample counts come from ``index.json`` or the tar headers):
+- every rank yields exactly ``batches`` batches per epoch, however the shards are sized, even with
+  fewer shards than readers (they then read disjoint parts of a shard);
+- fixed ``batch_size`` and no bad samples: an epoch delivers every sample of its window exactly once
+  over all ranks and workers; when ``S`` is the data set's size and a multiple of ``world_size *
+  batch_size``, that is every sample of the data set once. Otherwise the last ``S - M`` samples of
+  the window (fewer than ``world_size * batch_size``) are not used in that epoch;
+- a reader that runs out of its range (bad samples skipped, a shard shorter than counted) goes on in
+  a spill stream (every k-th shard of endless passes): those samples may repeat;
+- ``batch_budget``: a batch may hold fewer than ``batch_size`` samples, so a reader may stop before its
+  range ends: no sample repeats within an epoch, but the last ones of each range may go unseen.
+
+Exact resume. Each batch carries its reader's position (``POSITION_KEY``: the samples of its order
+used, bad ones included), so the main process knows what the training loop took however the
+workers prefetch. The checkpoint (``ShardDataModule.state_dict``) holds the epoch, the batches per
+worker, every reader's position (gathered from all ranks), the world size, and the layouts the
+epoch had before earlier resumes on other sizes ("history").
+- Same ranks x workers: each reader rebuilds its order and skips its used positions, read but not
+  decoded. With 0 or 1 dataloader workers the batches after a resume are the uninterrupted run's
+  (losses bit-identical); with more, the same batches in another worker interleaving (the loader
+  restarts at worker 0). Later epochs are identical again.
+- Other ranks x workers (R x W -> R' x W'): the old readers' remainders, each in its own order,
+  concatenated in reader order, are cut into R' equal parts of whole batches, each part into its W'
+  workers' shares. Over the epoch every sample of the window is then delivered once (fixed batches,
+  no bad samples) but for fewer than ``R' * batch_size`` that fill no batch on every rank: dropped,
+  and their number logged. The order after the resume is a pure function of the checkpoint and
+  (R', W'); a further resume on yet another size chains the same way; the next epoch starts fresh in
+  the new layout. With ``batch_budget``: no sample repeats across the resume, the unreached tails
+  as above.
+- Replay cost: no decoding; a reader reads (raw tar bytes) the base ranges its part comes from, up
+  to its part's end: at most about one epoch of reading in all, spread over the readers. Keep
+  ``samples_per_epoch`` moderate on huge data sets.
+- Remote shards (``pipe:``, ``s3://``: no counts, ``samples_per_epoch`` required): each reader reads
+  every k-th shard of endless passes seeded by (seed, e), so samples can repeat within an epoch; a
+  same-size resume is exact, another size starts the next epoch with a warning. So does a
+  checkpoint written before reader positions were stored.
+Random augmentations drawn inside workers are not replayed.
 
 Bad samples (``BadSample``) and unreadable shards are skipped, counted and logged to
 ``logging.getLogger("duoflow.data")`` with their shard and key; past ``max_bad_fraction`` (counted

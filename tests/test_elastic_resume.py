@@ -223,3 +223,45 @@ def test_real_worker_processes_two_then_one(tmp_path: Path) -> None:
     for batch in loader:
         seen += after.on_before_batch_transfer(batch, 0)["__key__"]
     assert sorted(seen) == all_keys(UNEVEN)
+
+
+def test_remote_shards_resume_exactly_on_the_same_size_and_move_on_otherwise(tmp_path: Path, monkeypatch,
+                                                                           caplog) -> None:
+    """Remote shards have no sample counts: readers take every k-th shard (no exact-once), a same-size
+    resume still continues exactly, another size starts the next epoch."""
+    data = [f"pipe:cat {path}" for path in write_shards(tmp_path / "data", UNEVEN)]
+    whole = start(monkeypatch, data, 1, 1, batch_size=4, samples_per_epoch=48)
+    run(whole)
+    first = start(monkeypatch, data, 1, 1, batch_size=4, samples_per_epoch=48)
+    run(first, steps=5)
+    state = checkpoint(first, monkeypatch)
+    resumed = start(monkeypatch, data, 1, 1, state=state, batch_size=4, samples_per_epoch=48)
+    run(resumed)
+    assert first[0].keys + resumed[0].keys == whole[0].keys
+    other = start(monkeypatch, data, 2, 1, state=state, batch_size=4, samples_per_epoch=48)
+    assert "starting epoch 1" in caplog.text
+    run(other, steps=1)
+    assert [rank.module.state_dict()["epoch"] for rank in other] == [1, 1]
+
+
+def test_lightning_fit_with_two_workers_resumed_with_one(tmp_path: Path) -> None:
+    """Through Lightning's loop (prefetching workers, the checkpoint it writes): stopped after 5 of the 12
+    steps of an epoch, resumed from that checkpoint with 1 worker instead of 2."""
+    import lightning
+
+    from tests.test_data_lightning import TinyModule
+
+    data = write_shards(tmp_path / "data", UNEVEN)
+
+    def fit(steps: int, workers: int, module: TinyModule, ckpt: Path | None = None) -> lightning.Trainer:
+        trainer = lightning.Trainer(max_steps=steps, accelerator="cpu", logger=False, enable_checkpointing=False,
+                                    enable_progress_bar=False, enable_model_summary=False, default_root_dir=tmp_path)
+        datamodule = ShardDataModule(data, batch_size=4, num_workers=workers, shuffle_buffer=6,
+                                     transform=ImageTransform(size=16))
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt)
+        return trainer
+
+    before, after = TinyModule(), TinyModule()
+    fit(5, 2, before).save_checkpoint(tmp_path / "stop.ckpt")
+    fit(12, 1, after, tmp_path / "stop.ckpt")
+    assert len(before.train_keys) == 20 and sorted(before.train_keys + after.train_keys) == all_keys(UNEVEN)
