@@ -102,6 +102,7 @@ class ShardDataModule(lightning.LightningDataModule):
         self.samples_per_epoch, self.max_bad_fraction = samples_per_epoch, max_bad_fraction
         self._consumed: dict[int, tuple[int, int, int]] = {}  # worker -> (epoch, batches, positions) the loop took
         self._start: dict[str, Any] = {}  # where this run's stream started (resume_from)
+        self._epoch_shape: dict[str, int] = {}  # batch size and samples per epoch the positions refer to
         self._resume: dict[str, Any] = {}  # the data position loaded from a checkpoint
 
     def setup(self, stage: str) -> None:
@@ -161,6 +162,7 @@ class ShardDataModule(lightning.LightningDataModule):
         urls = expand_shards(self.train_shards)
         self.transform.check_shards(urls)  # e.g. latent shards made by other models than the model's: one line
         stream = self.train_stream(urls, rank, world_size)
+        self._epoch_shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
         workers = max(1, self.num_workers)
         self._start = start = self.resume_from(stream, workers) or {}
         self._consumed = {w: (start["epoch"], d, n) for w, (d, n) in enumerate(zip(start["done"], start["samples"]))
@@ -193,7 +195,8 @@ class ShardDataModule(lightning.LightningDataModule):
                for w in range(max(1, self.num_workers))]
         history = self._start.get("history", []) if self._start.get("epoch") == epoch else []
         return {"epoch": epoch, "done": [d for d, _ in now], "world_size": dist_info()[1],
-                "samples": [n for rank in all_ranks([n for _, n in now]) for n in rank], "history": history}
+                "samples": [n for rank in all_ranks([n for _, n in now]) for n in rank], "history": history,
+                **self._epoch_shape}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
@@ -212,6 +215,12 @@ class ShardDataModule(lightning.LightningDataModule):
         following = {"epoch": epoch + 1, "history": [], "done": [0] * workers, "samples": [0] * workers}
         if "samples" not in state:
             log.warning("checkpoint data position is from an older duoflow: starting epoch %d of the stream", epoch + 1)
+            return following
+        shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
+        if any(state.get(key, value) != value for key, value in shape.items()):
+            log.warning("checkpoint data position was taken with batch_size %s and %s samples per epoch, now %d and "
+                        "%d: starting epoch %d of the stream", state.get("batch_size"), state.get("epoch_samples"),
+                        *shape.values(), epoch + 1)
             return following
         history = list(state.get("history", []))
         if sum(done) >= epoch_layouts(history, *then, stream.batch_size, stream.samples)[1].batches:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from datamodules import shards
 from datamodules.epochs import Piece, base_layout, deal, sequence_slices
@@ -265,3 +266,48 @@ def test_lightning_fit_with_two_workers_resumed_with_one(tmp_path: Path) -> None
     fit(5, 2, before).save_checkpoint(tmp_path / "stop.ckpt")
     fit(12, 1, after, tmp_path / "stop.ckpt")
     assert len(before.train_keys) == 20 and sorted(before.train_keys + after.train_keys) == all_keys(UNEVEN)
+
+
+def test_a_changed_batch_size_starts_the_next_epoch(tmp_path: Path, monkeypatch, caplog) -> None:
+    """Reader positions count samples of orders that depend on the batch size: they are not reused."""
+    data = write_shards(tmp_path / "data", UNEVEN)
+    first = start(monkeypatch, data, 1, 1, batch_size=4)
+    run(first, steps=3)
+    resumed = start(monkeypatch, data, 1, 1, state=checkpoint(first, monkeypatch), batch_size=6)
+    run(resumed, steps=1)
+    assert "batch_size 4" in caplog.text and resumed[0].module.state_dict()["epoch"] == 1
+
+
+def _gather_worker(rank: int, folder: str, port: int) -> None:
+    """One gloo rank: takes 1 + rank batches of worker 0, then writes what state_dict holds."""
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    module = ShardDataModule(folder, batch_size=4, num_workers=0, shuffle_buffer=6, transform=ImageTransform(size=16))
+    module.train_dataloader()
+    module.on_before_batch_transfer({"__pos__": torch.tensor([0, 0, 2, 7 + rank])}, 0)  # rank 1 skipped a bad one
+    state = module.state_dict()
+    if rank == 0:
+        Path(folder, "state.json").write_text(json.dumps(state))
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow  # two spawned gloo processes import torch and Lightning: 77 s on the loaded 2-core machine
+def test_checkpoint_gathers_every_ranks_positions(tmp_path: Path) -> None:
+    """Lightning saves rank 0's state only, so state_dict gathers the reader positions of all ranks."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    write_shards(tmp_path, UNEVEN)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_gather_worker, args=(str(tmp_path), port), nprocs=2)
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert state["world_size"] == 2 and state["done"] == [2] and state["samples"] == [7, 8]
