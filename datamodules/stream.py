@@ -47,7 +47,8 @@ epoch had before earlier resumes on other sizes ("history").
 - Remote shards (``pipe:``, ``s3://``: no counts, ``samples_per_epoch`` required): each reader reads
   every k-th shard of endless passes seeded by (seed, e), so samples can repeat within an epoch; a
   same-size resume is exact, another size starts the next epoch with a warning. So does a
-  checkpoint written before reader positions were stored.
+  checkpoint written before reader positions were stored, or with another ``batch_size`` or
+  number of samples per epoch.
 Random augmentations drawn inside workers are not replayed.
 
 Bad samples (``BadSample``) and unreadable shards are skipped, counted and logged to
