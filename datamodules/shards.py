@@ -19,6 +19,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset
 
 from datamodules.decoders import decode_sample
+from datamodules.epochs import epoch_layouts
 from datamodules.media.spec import DescribesMedia
 from datamodules.shardlists import (
     count_samples,
@@ -33,6 +34,7 @@ from datamodules.stream import (
     SkipCounter,
     TooManyBadSamples,
     TrainStream,
+    all_ranks,
     budget_batched,
     dist_info,
     split_by_rank,
@@ -56,7 +58,8 @@ class ShardDataModule(lightning.LightningDataModule):
         num_workers: Dataloader worker processes per rank (0 = in the main process).
         shuffle_buffer: Samples held in each worker's shuffle buffer.
         seed: Seed for the shard order and the shuffle buffers.
-        samples_per_epoch: Samples per epoch over all ranks; None counts the train shards.
+        samples_per_epoch: Samples per epoch over all ranks; None: the train shards' sample count (each
+            epoch is then one pass over the data). Needed for remote shards (nothing is counted there).
         max_bad_fraction: Stop when more than this fraction of samples fail to decode.
         batch_budget: Close a training batch before it holds more than this many TOKENS (the
             transform's ``cost``: what the model's tokenizers make of a sample, for every modality;
@@ -64,6 +67,8 @@ class ShardDataModule(lightning.LightningDataModule):
             For mixed sizes: small images or short clips come many to a batch, large ones few. An
             epoch stays ``samples_per_epoch // (batch_size * world_size)`` batches, so set
             ``batch_size`` to the samples a typical batch holds. None: fixed ``batch_size``.
+
+    Epochs, the every-sample-once guarantees and resuming on other ranks x workers: ``datamodules/stream.py``.
 
     The transform follows the model: ``setup`` hands it the generator's ``MediaSpec``, so sizes,
     multiples and rates the data config leaves unset come from the model, and token counts use
@@ -95,7 +100,9 @@ class ShardDataModule(lightning.LightningDataModule):
         self.batch_size, self.num_workers = batch_size, num_workers
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.samples_per_epoch, self.max_bad_fraction = samples_per_epoch, max_bad_fraction
-        self._consumed: dict[int, tuple[int, int]] = {}  # worker -> (epoch, batches) the training loop took
+        self._consumed: dict[int, tuple[int, int, int]] = {}  # worker -> (epoch, batches, positions) the loop took
+        self._start: dict[str, Any] = {}  # where this run's stream started (resume_from)
+        self._epoch_shape: dict[str, int] = {}  # batch size and samples per epoch the positions refer to
         self._resume: dict[str, Any] = {}  # the data position loaded from a checkpoint
 
     def setup(self, stage: str) -> None:
@@ -105,9 +112,15 @@ class ShardDataModule(lightning.LightningDataModule):
             self.transform.follow(module.media_spec())
 
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
-        """The endless training stream of batches for one rank (one epoch per ``batches(epoch)``)."""
-        return TrainStream(urls, rank, world_size, self.transform, self.batch_size, self.shuffle_buffer, self.seed,
-                           self.max_bad_fraction, self.batch_budget)
+        """This rank's training stream (one epoch per ``batches(epoch, ...)``)."""
+        counts, samples = self.epoch_samples(urls)
+        if samples // (self.batch_size * world_size) == 0:
+            raise ValueError(
+                f"samples_per_epoch={samples} is less than batch_size*world_size={self.batch_size * world_size}; "
+                "expected at least one batch per rank"
+            )
+        return TrainStream(list(counts) if counts else urls, counts, samples, rank, world_size, self.transform,
+                           self.batch_size, self.shuffle_buffer, self.seed, self.max_bad_fraction, self.batch_budget)
 
     def val_pipeline(self, urls: list[str], rank: int, world_size: int) -> wds.DataPipeline:
         """Every validation sample once across ranks, in shard order, last batch partial."""
@@ -125,24 +138,16 @@ class ShardDataModule(lightning.LightningDataModule):
             ]
         )
 
-    def batches_per_rank(self, urls: list[str], world_size: int) -> tuple[list[str], int]:
-        """(shards worth reading, batches per epoch per rank)."""
-        samples = self.samples_per_epoch
-        if samples is None:
-            if any(is_remote(u) for u in urls):
+    def epoch_samples(self, urls: list[str]) -> tuple[dict[str, int] | None, int]:
+        """(samples per non-empty shard, None for remote shards; samples per epoch)."""
+        if any(is_remote(u) for u in urls):
+            if self.samples_per_epoch is None:
                 raise ValueError(f"cannot count samples in remote shards {self.train_shards!r}; set samples_per_epoch")
-            counts = count_samples(urls)
-            urls = [u for u in urls if counts[u] > 0]
-            samples = sum(counts.values())
-            if samples == 0:
-                raise ValueError(f"train shards {self.train_shards!r} hold no samples")
-        batches = samples // (self.batch_size * world_size)
-        if batches == 0:
-            raise ValueError(
-                f"samples_per_epoch={samples} is less than batch_size*world_size={self.batch_size * world_size}; "
-                "expected at least one batch per rank"
-            )
-        return urls, batches
+            return None, self.samples_per_epoch
+        counts = {url: n for url, n in count_samples(urls).items() if n > 0}
+        if not counts:
+            raise ValueError(f"train shards {self.train_shards!r} hold no samples")
+        return counts, sum(counts.values()) if self.samples_per_epoch is None else self.samples_per_epoch
 
     def _loader(self, dataset: IterableDataset) -> DataLoader:
         # the loader's own generator: creating its iterator must not draw from the global torch RNG
@@ -156,10 +161,13 @@ class ShardDataModule(lightning.LightningDataModule):
         rank, world_size = dist_info()
         urls = expand_shards(self.train_shards)
         self.transform.check_shards(urls)  # e.g. latent shards made by other models than the model's: one line
-        urls, batches = self.batches_per_rank(urls, world_size)
-        start = self.resume_from(batches, world_size)
-        self._consumed = {w: (start["epoch"], n) for w, n in enumerate(start["done"])} if start else {}
-        return self._loader(EpochBatches(self.train_stream(urls, rank, world_size), batches, start))
+        stream = self.train_stream(urls, rank, world_size)
+        self._epoch_shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
+        workers = max(1, self.num_workers)
+        self._start = start = self.resume_from(stream, workers) or {}
+        self._consumed = {w: (start["epoch"], d, n) for w, (d, n) in enumerate(zip(start["done"], start["samples"]))
+                          } if start else {}
+        return self._loader(EpochBatches(stream, stream.layouts(0, [], workers)[1].batches, start))
 
     def val_dataloader(self) -> DataLoader | list:
         if self.val_shards is None:
@@ -172,41 +180,72 @@ class ShardDataModule(lightning.LightningDataModule):
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Record the position of each training batch the loop takes (and drop the field)."""
         if isinstance(batch, dict) and POSITION_KEY in batch:
-            epoch, worker, done = batch.pop(POSITION_KEY).tolist()
-            self._consumed[worker] = (epoch, done)
+            epoch, worker, done, used = batch.pop(POSITION_KEY).tolist()
+            self._consumed[worker] = (epoch, done, used)
         return batch
 
     def state_dict(self) -> dict[str, Any]:
-        """Epoch of the training stream and batches consumed per dataloader worker in it.
-
-        The same on every rank: ranks take equal batch counts, and a worker's batches arrive in a
-        fixed round-robin order."""
+        """The training stream's epoch, batches taken per dataloader worker (the same on every rank: ranks
+        take equal batch counts, a worker's batches arrive in a fixed round-robin order), positions used
+        per reader (gathered from all ranks), and the layouts of the epoch before resumes on other sizes."""
         if not self._consumed:
             return {**self._resume} if self._resume else {}
-        epoch = max(e for e, _ in self._consumed.values())
-        workers = max(1, self.num_workers)
-        done = [self._consumed[w][1] if w in self._consumed and self._consumed[w][0] == epoch else 0
-                for w in range(workers)]
-        return {"epoch": epoch, "done": done, "world_size": dist_info()[1]}
+        epoch = max(e for e, _, _ in self._consumed.values())
+        now = [self._consumed[w][1:] if w in self._consumed and self._consumed[w][0] == epoch else (0, 0)
+               for w in range(max(1, self.num_workers))]
+        history = self._start.get("history", []) if self._start.get("epoch") == epoch else []
+        return {"epoch": epoch, "done": [d for d, _ in now], "world_size": dist_info()[1],
+                "samples": [n for rank in all_ranks([n for _, n in now]) for n in rank], "history": history,
+                **self._epoch_shape}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._resume = dict(state)
 
-    def resume_from(self, batches: int, world_size: int) -> dict | None:
-        """The stream position to start from: the loaded checkpoint's, moved to the next epoch when complete."""
+    def resume_from(self, stream: TrainStream, workers: int) -> dict | None:
+        """Where this rank's stream starts: the checkpoint's position (``EpochBatches`` ``start``).
+
+        Same ranks x workers: each reader goes on in its own order. Other sizes: the rest of the epoch
+        is dealt to the new readers (``epochs.deal``). A finished epoch, a position this version
+        cannot place, or remote shards on other sizes: the next epoch."""
         state = self._resume
         if not state:
             return None
-        workers = max(1, self.num_workers)
-        if len(state["done"]) != workers or state.get("world_size", world_size) != world_size:
-            log.warning("checkpoint data position was taken with %d worker(s) x %d rank(s), now %d x %d: "
-                        "starting the next epoch of the stream", len(state["done"]), state.get("world_size", 0),
-                        workers, world_size)
-            return {"epoch": state["epoch"] + 1, "done": [0] * workers}
-        if sum(state["done"]) >= batches:  # the checkpoint was taken at the end of an epoch
-            return {"epoch": state["epoch"] + 1, "done": [0] * workers}
-        log.info("resuming the training stream at epoch %d after %d batches", state["epoch"], sum(state["done"]))
-        return {"epoch": state["epoch"], "done": list(state["done"])}
+        epoch, done = int(state["epoch"]), list(state["done"])
+        then = (int(state.get("world_size", stream.world_size)), len(done))
+        following = {"epoch": epoch + 1, "history": [], "done": [0] * workers, "samples": [0] * workers}
+        if "samples" not in state:
+            log.warning("checkpoint data position is from an older duoflow: starting epoch %d of the stream", epoch + 1)
+            return following
+        shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
+        if any(state.get(key, value) != value for key, value in shape.items()):
+            log.warning("checkpoint data position was taken with batch_size %s and %s samples per epoch, now %d and "
+                        "%d: starting epoch %d of the stream", state.get("batch_size"), state.get("epoch_samples"),
+                        *shape.values(), epoch + 1)
+            return following
+        history = list(state.get("history", []))
+        if sum(done) >= epoch_layouts(history, *then, stream.batch_size, stream.samples)[1].batches:
+            return following  # the checkpoint was taken at the end of an epoch
+        positions = list(state["samples"])
+        if len(positions) != then[0] * then[1]:  # not gathered (no process group): exact for fixed batches
+            log.warning("checkpoint holds reader positions of one rank only: assuming full batches on every rank")
+            positions = [d * stream.batch_size for d in done] * then[0]
+        if then == (stream.world_size, workers):
+            log.info("resuming the training stream at epoch %d after %d batches", epoch, sum(done))
+            mine = positions[stream.rank * workers:(stream.rank + 1) * workers]
+            return {"epoch": epoch, "history": history, "done": done, "samples": mine}
+        if stream.counts is None:
+            log.warning("checkpoint data position was taken with %d rank(s) x %d worker(s), now %d x %d, on remote "
+                        "shards (no sample counts): starting epoch %d of the stream", *then, stream.world_size,
+                        workers, epoch + 1)
+            return following
+        history.append({"world_size": then[0], "workers": then[1], "samples": positions})
+        _, layout, dropped = stream.layouts(epoch, history, workers)
+        log.warning("checkpoint data position was taken with %d rank(s) x %d worker(s), now %d x %d: the rest of "
+                    "epoch %d is dealt anew, %d batches per rank; %d samples that fill no batch on every rank are "
+                    "dropped", *then, stream.world_size, workers, epoch, layout.batches, dropped)
+        if layout.batches == 0:
+            return following
+        return {"epoch": epoch, "history": history, "done": [0] * workers, "samples": [0] * workers}
 
 
 def read_samples(shards: str | list[str], transform: SampleTransform, num: int) -> dict[str, Any]:

@@ -76,7 +76,8 @@ def test_sigkill_mid_epoch_then_resume_from_checkpoint_alone_is_exact(tmp_path: 
     assert b.returncode == -signal.SIGKILL, b.stderr[-3000:]
     last = tmp_path / "runs/b/checkpoints/last.ckpt"
     ckpt = torch.load(last, map_location="cpu", weights_only=False)
-    assert ckpt["global_step"] == 15 and ckpt["ShardDataModule"] == {"epoch": 1, "done": [3], "world_size": 1}
+    assert ckpt["global_step"] == 15 and ckpt["ShardDataModule"] == {
+        "epoch": 1, "done": [3], "world_size": 1, "samples": [24], "history": [], "batch_size": 8, "epoch_samples": 96}
 
     # resume from the checkpoint file alone: no --config (the run's config travels in the checkpoint)
     resumed = fit(["--ckpt_path", str(last)], tmp_path / "b.jsonl")
