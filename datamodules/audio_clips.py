@@ -110,8 +110,6 @@ def mono_at(audio: np.ndarray, rate: int, target: int | None) -> tuple[np.ndarra
 def read_audio_clips(path: Path, options: AudioClipOptions) -> Cut:
     """A recording's clips as shard fields (``wav``, ``json``), and the clips dropped per reason; raises ``Skipped``
     when none is left (too short, silent)."""
-    from datamodules.audio import encode_wav
-
     try:
         audio, source_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, K)
     except soundfile.LibsndfileError as exn:
@@ -135,7 +133,7 @@ def read_audio_clips(path: Path, options: AudioClipOptions) -> Cut:
         if options.loudness is not None:
             gain = min(10 ** ((options.loudness - level) / 20), 0.999 / max(float(np.abs(clip).max()), 1e-12))
             clip, meta["gain_db"] = clip * gain, round(20 * np.log10(gain), 3)
-        clips.append((index, {"wav": encode_wav(clip, rate), "json": meta}))
+        clips.append((index, {"wav": (np.clip(clip, -1.0, 1.0), rate), "json": meta}))  # the writer: 16-bit PCM WAV
     if not clips:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise Skipped("too short" if "shorter than --min-seconds" in dropped else "silent", f"no clip kept ({reasons})")
