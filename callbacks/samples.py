@@ -75,7 +75,7 @@ class SamplePreview(L.Callback):
         cond = pl_module.cond
         if isinstance(cond, TextConditionModule) and not cond.prompts and isinstance(trainer.datamodule, ShardDataModule):
             self.captions = trainer.datamodule.preview_captions(self.num)
-            log.info("preview prompts (the first %d distinct training captions): %s", len(self.captions),
+            log.info("preview prompts (the first %d distinct captions of the shards): %s", len(self.captions),
                      "; ".join(self.captions) or "none found, the empty caption")
 
     def out_dir(self, trainer: L.Trainer) -> Path:
