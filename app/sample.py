@@ -84,9 +84,8 @@ def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tupl
         seconds = kept / spec.fps  # the soundtrack lasts as long as the frames kept
     for i in audio:
         samples = round(seconds * spec.sample_rate)
-        patch = model.tokenizers[i].patch
-        latent = spec.samples.latent(samples) // patch * patch
-        if latent < patch:
+        latent = spec.samples.whole_latent(samples)
+        if latent < spec.samples.patch:
             raise UserError(f"--seconds {seconds}: shorter than one token of audio")
         shapes[i] = (shapes[i][0], latent)
     return shapes

@@ -98,6 +98,23 @@ def add_media_parsers(sub: argparse._SubParsersAction) -> None:
         add_folder_options(p, noun)
         p.add_argument("--shard-size", type=int, default=1000, help="samples per shard (default 1000)")
         p.add_argument("--prefix", default=prefix, help=f"shard file name prefix (default {prefix})")
+        if name == "audio":
+            add_audio_clip_options(p)
+
+
+def add_audio_clip_options(p: argparse.ArgumentParser) -> None:
+    """``shards audio``: cut long recordings, resample, level (datamodules/audio_clips.py); any of them re-encodes."""
+    g = p.add_argument_group("clips", "Any of these stores each clip as 16-bit mono WAV (channels averaged) with its "
+                                      "source path and start/end seconds in its json, instead of the file's own bytes.")
+    g.add_argument("--max-seconds", type=float, default=None,
+                   help="cut recordings into clips of at most this many seconds, at the quietest 20 ms between half of "
+                        "it and all of it (default: never cut)")
+    g.add_argument("--min-seconds", type=float, default=0.0, help="drop clips (and files) shorter than this (default 0)")
+    g.add_argument("--sample-rate", type=int, default=None, help="resample to this rate in Hz (default: each file's own)")
+    g.add_argument("--loudness", type=float, default=None, metavar="DBFS",
+                   help="set each clip's RMS level to this many dBFS, e.g. -20 (peak-limited; default: levels kept)")
+    g.add_argument("--silence-db", type=float, default=-60.0,
+                   help="drop clips whose RMS level is below this many dBFS (default -60; only when clips are re-encoded)")
 
 
 def add_encode_parser(sub: argparse._SubParsersAction) -> None:
@@ -183,9 +200,12 @@ def main(argv: list[str]) -> int:
                                            captions=args.captions, holdout=args.holdout)
     elif args.source == "audio":
         from datamodules.audio import write_audio_folder  # torchaudio only when sharding audio
+        from datamodules.audio_clips import AudioClipOptions
 
+        clips = AudioClipOptions(max_seconds=args.max_seconds, min_seconds=args.min_seconds, sample_rate=args.sample_rate,
+                                 loudness=args.loudness, silence_db=args.silence_db)
         paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                                   captions=args.captions, holdout=args.holdout)
+                                   captions=args.captions, holdout=args.holdout, clips=clips)
     elif args.source == "shapes":
         from datamodules.ingest_mesh import MeshOptions, write_mesh_folder
 

@@ -10,6 +10,7 @@ Waves are band-limited (additive synthesis below 0.45 * sample_rate), so nothing
 
 from __future__ import annotations
 
+import functools
 import io
 import shutil
 import subprocess
@@ -21,6 +22,7 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
+from datamodules.audio_clips import AudioClipOptions, read_audio_clips
 from datamodules.decoders import BadSample, decode_audio
 from datamodules.media.spec import MediaSpec
 from datamodules.transforms import SampleTransform
@@ -184,16 +186,21 @@ def read_audio(path: Path) -> dict:
 
 def write_audio_folder(
     src: str, out: str, shard_size: int = 1000, prefix: str = "audio", progress: bool = True, captions: str | None = None,
-    holdout: float = 0.0,
+    holdout: float = 0.0, clips: AudioClipOptions | None = None,
 ) -> list[str]:
     """Shard an audio folder (``src/[<class>/]<name>.{wav,flac}``, see ``datamodules.sources``); the shard paths.
 
-    Each file is decoded once here (not only its header), so that a broken one is skipped and named now;
-    the good ones are stored as their original bytes (not re-encoded).
+    Each file is decoded once here (not only its header), so that a broken one is skipped and named now.
+    Without ``clips`` (or with its defaults) each file is one sample stored as its original bytes (not
+    re-encoded); with them, recordings are cut, made mono, resampled and levelled (``datamodules.audio_clips``).
     """
-    return write_media_folder(src, out, read_audio, AUDIO_EXTENSIONS, "audio file", "readable audio files",
-                              captions=captions, holdout=holdout, shard_size=shard_size, prefix=prefix,
-                              progress=progress).paths
+    if clips is None or clips == AudioClipOptions():
+        read, unit, source = read_audio, "audio file", None
+    else:
+        read, unit, source = functools.partial(read_audio_clips, options=clips), "clip", "audio file"
+    return write_media_folder(src, out, read, AUDIO_EXTENSIONS, unit, "readable audio files", captions=captions,
+                              holdout=holdout, shard_size=shard_size, prefix=prefix, progress=progress,
+                              source=source).paths
 
 
 class AudioTransform(SampleTransform):

@@ -115,3 +115,21 @@ def shard_conditions(urls: list[str]) -> dict:
         return {"empty": True}
     return {"classes": json.loads(names.read_text()) if names.is_file() else None, "labels": "cls" in fields,
             "captions": "txt" in fields or "text.safetensors" in fields}
+
+
+def shard_captions(urls: list[str], num: int) -> list[str]:
+    """The first ``num`` distinct captions (``txt`` members) of local shards, in shard order: deterministic
+    preview prompts that speak the data's language. Fewer when the shards hold fewer; remote shards are not read."""
+    captions: dict[str, None] = {}
+    for url in urls:
+        if is_remote(url) or len(captions) >= num:
+            break
+        with tarfile.open(url, mode="r:*") as tar:
+            for info in tar:
+                if info.isreg() and base_plus_ext(info.name)[1] == "txt":
+                    text = tar.extractfile(info).read().decode("utf-8", errors="replace").strip()
+                    if text:
+                        captions.setdefault(text)
+                    if len(captions) >= num:
+                        break
+    return list(captions)

@@ -75,6 +75,8 @@ class Report:
     """Reason -> paths (relative to SRC) of the files skipped for it."""
     seconds: float = 0.0
     paths: list[str] = field(default_factory=list)
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Samples cut from a used file but not kept, per reason ("silent")."""
 
     def skip(self, file: MediaFile, reason: str, detail: str) -> None:
         log.warning("skipping %s (%s): %s", file.path, reason, detail)
@@ -91,7 +93,8 @@ class Report:
         parts = [f"{len(paths)} {reason} ({', '.join(sorted(paths)[:SHOWN_PATHS])}{', ...' if len(paths) > SHOWN_PATHS else ''})"
                  for reason, paths in sorted(self.skipped.items())]
         skipped = sum(len(paths) for paths in self.skipped.values())
-        return line + f"; {skipped} skipped" + (": " + ", ".join(parts) if parts else "")
+        line += f"; {skipped} skipped" + (": " + ", ".join(parts) if parts else "")
+        return line + "".join(f"; {plural(n, self.unit)} {reason}" for reason, n in sorted(self.dropped.items()))
 
 
 def list_media(src: str, extensions: tuple[str, ...], noun: str) -> tuple[list[str], list[MediaFile]]:

@@ -22,6 +22,7 @@ import random
 import tarfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -194,14 +195,25 @@ def labelled(file: MediaFile, classes: list[str], key: str, fields: dict) -> dic
     return sample
 
 
-def write_media_folder(
-    src: str, out: str, read: Callable[[Path], dict], extensions: tuple[str, ...], unit: str, noun: str,
-    captions: str | None = None, holdout: float = 0.0, shard_size: int = 1000, prefix: str = "sample",
-    progress: bool = True,
-) -> Report:
-    """Shard a folder with one sample per file (layout, captions, holdout: ``datamodules.sources``).
+@dataclass
+class Cut:
+    """What a reader returns for a file that gives several samples (an audio recording cut into clips)."""
 
-    ``read(path)`` decodes the file once and returns its media fields (and ``json``) or raises: ``Skipped``
+    clips: list[tuple[int, dict]]
+    """(clip index, fields) per kept clip; the key is ``<file index>-<clip index>``."""
+    dropped: dict[str, int] = field(default_factory=dict)
+    """Clips of the file not kept, per reason ("silent"): counted in the summary."""
+
+
+def write_media_folder(
+    src: str, out: str, read: Callable[[Path], dict | Cut], extensions: tuple[str, ...], unit: str, noun: str,
+    captions: str | None = None, holdout: float = 0.0, shard_size: int = 1000, prefix: str = "sample",
+    progress: bool = True, source: str | None = None,
+) -> Report:
+    """Shard a folder with one sample per file, or several (layout, captions, holdout: ``datamodules.sources``).
+
+    ``read(path)`` decodes the file once and returns its media fields (and ``json``), or a ``Cut`` of several
+    samples (keys ``<file index>-<clip index>``, 8 and 4 digits; ``source`` then names a file in the summary), or raises: ``Skipped``
     files are counted under its reason, any other exception under "unreadable"; either way the file is named
     in a warning and in the summary, which is logged at the end. Files are written in a fixed shuffled order
     (so that a shard mixes classes), keyed by their position in the sorted file list (8 digits). ``unit``
@@ -210,12 +222,12 @@ def write_media_folder(
     folders = split_folders(out, holdout)
     classes, files = find_sources(src, extensions, noun, captions)
     writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
-    report = Report(unit=unit, source=unit, files=len(files), written={split: 0 for split in writer.writers})
+    report = Report(unit=unit, source=source or unit, files=len(files), written={split: 0 for split in writer.writers})
     order = list(files)
     random.Random(0).shuffle(order)
     started = time.perf_counter()
     try:
-        for file in tqdm(order, desc=f"shards {src}", unit=unit, disable=not progress):
+        for file in tqdm(order, desc=f"shards {src}", unit=source or unit, disable=not progress):
             try:
                 if file.path.stat().st_size == 0:
                     raise Skipped("unreadable", "empty file")
@@ -227,8 +239,13 @@ def write_media_folder(
                 report.skip(file, "unreadable", str(exn).strip() or type(exn).__name__)
                 continue
             split = writer.split(file)
-            writer.write(split, labelled(file, classes, f"{file.index:08d}", fields))
-            report.written[split] += 1
+            pieces = fields.clips if isinstance(fields, Cut) else [(None, fields)]
+            for clip, sample in pieces:
+                key = f"{file.index:08d}" if clip is None else f"{file.index:08d}-{clip:04d}"
+                writer.write(split, labelled(file, classes, key, sample))
+            for reason, n in (fields.dropped.items() if isinstance(fields, Cut) else ()):
+                report.dropped[reason] = report.dropped.get(reason, 0) + n
+            report.written[split] += len(pieces)
             report.used += 1
     finally:
         report.paths = writer.close()

@@ -8,6 +8,7 @@ Every condition has a null value (dropped condition) for classifier-free guidanc
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -32,13 +33,25 @@ class ConditionModule(nn.Module):
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:  # pragma: no cover
         raise NotImplementedError
 
-    def preview(self, num: int) -> dict[str, Any]:
-        """Conditions for `num` preview samples that show what the model learned."""
+    def preview(self, num: int, captions: Sequence[str] = ()) -> dict[str, Any]:
+        """Conditions for `num` preview samples that show what the model learned; ``captions``: training
+        captions a text model uses when its config states no prompts."""
         return {}
 
     def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
         """The conditions of a whole sampling run, with what need not be recomputed at every step done once."""
         return cond
+
+
+class TextConditionModule(ConditionModule):
+    """A caption-conditioned module: previews use its stated prompts, else the captions given, else the empty caption."""
+
+    prompts: tuple[str, ...] = ()
+    """Stated preview prompts (empty: none stated)."""
+
+    def preview(self, num: int, captions: Sequence[str] = ()) -> dict[str, Any]:
+        prompts = self.prompts or tuple(captions) or ("",)
+        return {"txt": [prompts[i % len(prompts)] for i in range(num)]}
 
 
 class Condition:
@@ -71,7 +84,7 @@ class ClassEmbedder(ConditionModule):
         nn.init.normal_(self.table.weight, std=0.02)
 
 
-    def preview(self, num: int) -> dict[str, Any]:
+    def preview(self, num: int, captions: Sequence[str] = ()) -> dict[str, Any]:
         return {"cls": [i % self.num_classes for i in range(num)]}
 
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
@@ -95,20 +108,21 @@ class ByteText(Condition):
     layers: int = 2
     """Transformer layers of the text encoder."""
     heads: int = 4
-    prompts: tuple[str, ...] = ("a red circle", "a blue square", "a green triangle", "a yellow cross")
-    """Captions used for preview samples."""
+    prompts: tuple[str, ...] = ()
+    """Captions of the preview samples; empty: the first distinct captions of the training shards
+    (callbacks.samples.SamplePreview), and the empty caption for ``sample`` without --prompt."""
 
     def build(self, dim: int) -> ConditionModule:
         return ByteTextEncoder(dim, self.max_len, self.layers, self.heads, self.prompts)
 
 
-class ByteTextEncoder(ConditionModule):
+class ByteTextEncoder(TextConditionModule):
     PAD = 256
 
     def __init__(self, dim: int, max_len: int, layers: int, heads: int, prompts: tuple[str, ...] = ()):
         super().__init__()
         self.max_len = max_len
-        self.prompts = tuple(prompts) or ("",)
+        self.prompts = tuple(prompts)
         self.embed = nn.Embedding(257, dim)
         self.pos = nn.Parameter(torch.zeros(1, max_len, dim))
         nn.init.normal_(self.embed.weight, std=0.02)
@@ -116,10 +130,6 @@ class ByteTextEncoder(ConditionModule):
         layer = nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0, batch_first=True, norm_first=True)
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(dim)
-
-
-    def preview(self, num: int) -> dict[str, Any]:
-        return {"txt": [self.prompts[i % len(self.prompts)] for i in range(num)]}
 
     def encode_bytes(self, texts: list[str]) -> Tensor:
         """(B, max_len) byte ids, PAD-filled; long captions are truncated."""
@@ -166,7 +176,7 @@ class PretrainedText(Condition):
     encoders: tuple[TextEncoderSpec, ...] = ()
     """The encoders, in the order their pooled vectors are concatenated."""
     prompts: tuple[str, ...] = ()
-    """Captions used for preview samples; empty = the empty caption."""
+    """Captions of the preview samples; empty: the training captions (as ByteText)."""
 
     def build(self, dim: int) -> ConditionModule:
         if not self.encoders:
@@ -174,20 +184,17 @@ class PretrainedText(Condition):
         return PretrainedTextEncoder(list(self.encoders), dim, self.prompts)
 
 
-class PretrainedTextEncoder(ConditionModule):
+class PretrainedTextEncoder(TextConditionModule):
     def __init__(self, specs: list[TextEncoderSpec], dim: int, prompts: tuple[str, ...] = ()):
         super().__init__()
         self.text = TextEncoders(specs)  # frozen, held: not in state_dict, parameters() or the optimizer
-        self.prompts = tuple(prompts) or ("",)
+        self.prompts = tuple(prompts)
         self.proj = nn.ModuleList(nn.Linear(d, dim) for d in self.text.token_dims)
         self.pooled = nn.Sequential(nn.Linear(self.text.pooled_dim, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     @property
     def fingerprints(self) -> list[str]:
         return self.text.fingerprints
-
-    def preview(self, num: int) -> dict[str, Any]:
-        return {"txt": [self.prompts[i % len(self.prompts)] for i in range(num)]}
 
     def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
         """Captions encoded once for a sampling run (the ODE calls the model at every step, twice with CFG)."""

@@ -16,7 +16,7 @@ from datamodules.media import audio as media_audio
 from datamodules.media import image as image_media
 from datamodules.media import video as media
 from datamodules.media.mesh import save_meshes
-from datamodules.media.spec import agree
+from datamodules.media.spec import TokenAxis, agree
 from models.codecs.base import Codec
 from models.codecs.mel import MelCodec
 from models.codecs.shape import ShapeLatents
@@ -49,6 +49,25 @@ class ImageFlow(FlowMatchingModule):
         return image_media.save_images(x, out_dir, prefix, upscale=max(1, 256 // x.shape[-1]))
 
 
+RATE_UNITS = {"samples": "Hz", "frames": "fps"}
+
+
+def frames_for(seconds: float | None, rate: float, axis: TokenAxis, stated: int | None, keys: tuple[str, str],
+               unit: str) -> int | None:
+    """Latent frames of a ``seconds`` long sample (``rate`` media steps per second, turned into latent frames
+    and tokens by ``axis``), whole tokens only; ``stated`` (the tokenizer's frames) must agree. None: ``stated``.
+    ``keys``: the config keys of the seconds and of the frames, for the one-line errors."""
+    if seconds is None:
+        return stated
+    seconds_key, frames_key = keys
+    steps = round(seconds * rate)
+    latent = axis.whole_latent(steps)
+    if seconds <= 0 or latent < axis.patch:
+        raise ValueError(f"{seconds_key}={seconds}: {steps} {unit} make no whole token ({axis.multiple} {unit} each); "
+                         "expected a longer duration")
+    return agree(frames_key, stated, latent, f"{seconds_key}={seconds} ({steps} {unit} at {rate:g} {RATE_UNITS[unit]})")
+
+
 class VideoFlow(FlowMatchingModule):
     """Class- or text-conditional video generator (pixel space): 3D patches, 3D RoPE, clips of mixed
     lengths packed in one batch; samples written as MP4."""
@@ -60,14 +79,31 @@ class VideoFlow(FlowMatchingModule):
         tokenizer: VideoPatches = VideoPatches(),
         conditioning: Condition = ClassLabel(),
         fps: int = 8,
+        seconds: float | None = None,
         **kwargs: Any,
     ):
-        """fps: frame rate of the written MP4 files; other arguments as FlowMatchingModule."""
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
+        """
+        Args:
+            fps: Frame rate of the clips and of the written MP4 files.
+            seconds: Length of the clips sampled (and the longest training clip by default): frames = seconds x fps,
+                rounded down to whole tokens; model.tokenizer.frames is then derived (leave it out). None: the
+                tokenizer's frames.
+            Other arguments as FlowMatchingModule.
+        """
+        tok = video_tokenizer(tokenizer, kwargs.get("codec"), fps, seconds)
+        super().__init__(tokenizer=tok, conditioning=conditioning, **kwargs)
         self.fps = fps
 
     def save_media(self, x: Tensor, out_dir: str | Path, prefix: str = "sample") -> list[Path]:
         return media.save_videos(x, out_dir, prefix, fps=self.fps, upscale=max(1, 128 // x.shape[-1]))
+
+
+def video_tokenizer(tokenizer: VideoPatches, codec: Codec | None, fps: float, seconds: float | None) -> VideoPatches:
+    """The video tokenizer with its latent frames set from ``seconds`` at ``fps`` (a codec's causal 1 + k m frames
+    counted), or as stated."""
+    axis = tokenizer.media(codec, "model.tokenizer")["time"]
+    frames = frames_for(seconds, fps, axis, tokenizer.frames, ("model.seconds", "model.tokenizer.frames"), "frames")
+    return replace(tokenizer, frames=frames or tokenizer.length)
 
 
 def audio_stream(tokenizer: AudioFrames, codec: Codec | None, sample_rate: int | None, keys: tuple[str, str],
@@ -102,11 +138,15 @@ class AudioFlow(FlowMatchingModule):
         conditioning: Condition = ClassLabel(),
         sample_rate: int | None = None,
         codec: Codec | None = None,
+        seconds: float | None = None,
         **kwargs: Any,
     ):
         """
         Args:
             tokenizer: Latent-frame patches; its channels follow the codec's latent channels.
+            seconds: Length of the clips sampled by default: latent frames = the codec's frames of seconds x
+                sample_rate samples, rounded down to whole tokens; model.tokenizer.frames is then derived
+                (leave it out). None: the tokenizer's frames, else 64.
             sample_rate: Rate of the training audio (the data transform follows it) and of the WAVs;
                 None: the codec's own (a pretrained autoencoder's), else 8000.
             codec: MelCodec (leave its sample_rate out; None = its defaults) or a pretrained audio
@@ -114,6 +154,9 @@ class AudioFlow(FlowMatchingModule):
             Other arguments as FlowMatchingModule.
         """
         tok, codec, rate = audio_stream(tokenizer, codec, sample_rate, ("model.tokenizer", "model.codec"))
+        axis = tok.media(codec, "model.tokenizer")["samples"]
+        frames = frames_for(seconds, rate, axis, tokenizer.frames, ("model.seconds", "model.tokenizer.frames"), "samples")
+        tok = replace(tok, frames=frames or tok.frames)
         super().__init__(tokenizer=tok, conditioning=conditioning, codec=codec, **kwargs)
         self.sample_rate = rate
 
@@ -140,6 +183,7 @@ class AudioVideoFlow(FlowMatchingModule):
         fps: int = 8,
         sample_rate: int | None = None,
         audio_codec: Codec | None = None,
+        seconds: float | None = None,
         **kwargs: Any,
     ):
         """
@@ -152,21 +196,23 @@ class AudioVideoFlow(FlowMatchingModule):
                 None: the audio codec's own (a pretrained autoencoder's), else 8000.
             audio_codec: MelCodec (leave its sample_rate out; None = its defaults) or a pretrained audio
                 autoencoder (PretrainedAutoencoder: AutoencoderOobleck).
+            seconds: Length of the clips sampled, as VideoFlow's (the soundtrack follows the frames).
             Other arguments as FlowMatchingModule.
         """
+        video_tok = video_tokenizer(tokenizer, kwargs.get("codec"), fps, seconds)
         _, codec, rate = audio_stream(audio_tokenizer, audio_codec, sample_rate, ("model.audio_tokenizer", "model.audio_codec"))
-        video_frames = tokenizer.media(kwargs.get("codec"), "model.tokenizer")["frames"]  # a causal codec: 1 + k (F - 1)
+        video_frames = video_tok.media(kwargs.get("codec"), "model.tokenizer")["frames"]  # a causal codec: 1 + k (F - 1)
         expected = video_frames * rate / fps / codec.hop  # latent audio frames as long as the video
         stated, patch = audio_tokenizer.frames, audio_tokenizer.patch
         if stated is not None and abs(stated - expected) > patch:
             raise ValueError(
                 f"model.audio_tokenizer.frames={stated}: expected about {expected:.1f} latent frames, as long as "
-                f"model.tokenizer.frames={tokenizer.frames} latent ({video_frames} video) frames at fps={fps} (sample_rate={rate}, "
+                f"model.tokenizer.frames={video_tok.frames} latent ({video_frames} video) frames at fps={fps} (sample_rate={rate}, "
                 f"hop={codec.hop}); leave it out: it is derived"
             )
         audio_tok, codec, _ = audio_stream(audio_tokenizer, codec, rate, ("model.audio_tokenizer", "model.audio_codec"),
                                            frames=stated or max(patch, round(expected / patch) * patch))
-        super().__init__(tokenizer=tokenizer, conditioning=conditioning, **kwargs)
+        super().__init__(tokenizer=video_tok, conditioning=conditioning, **kwargs)
         self.add_stream("audio", audio_tok, codec, config_key="model.audio_tokenizer")
         self.fps, self.sample_rate = fps, rate
 

@@ -47,3 +47,28 @@ def test_log_media_sends_the_preview_and_a_few_files_per_kind() -> None:
 def test_callbacks_refuse_a_module_without_the_run_state_in_one_line(callback: L.Callback) -> None:
     with pytest.raises(TypeError, match=r"needs a duoflow training module \(models.training.RunState"):
         callback.on_train_batch_end(None, L.LightningModule(), None, None, 0)
+
+
+def test_log_media_captions_the_previews_with_their_prompts() -> None:
+    rec = Recorder()
+    log_media(rec, [Path("a.wav"), Path("b.wav"), Path("s.png")], step=1, sample_rate=8000, prompts=["one", "two"])
+    assert rec.calls[0][1]["caption"] == ["one | two"] and rec.calls[1][1]["caption"] == ["one", "two"]
+
+
+def test_preview_prompts_are_the_first_distinct_captions_of_the_val_else_train_shards(tmp_path: Path) -> None:
+    from datamodules.shards import ShardDataModule
+    from datamodules.writers import ShardWriter
+    from models.conditioning import ByteText
+
+    for name, captions in (("train", ["b", "a", "b", "", "c", "d"]), ("val", ["v1", "v2"])):
+        with ShardWriter(str(tmp_path / name / "s-%06d.tar"), maxcount=3) as writer:
+            for i, caption in enumerate(captions):
+                writer.write({"__key__": f"{i:04d}", "cls": 0, **({"txt": caption} if caption else {})})
+    train = ShardDataModule(str(tmp_path / "train"))
+    assert train.preview_captions(3) == ["b", "a", "c"]  # in shard order, across shards, duplicates and empties skipped
+    assert train.preview_captions(10) == ["b", "a", "c", "d"]
+    assert ShardDataModule(str(tmp_path / "train"), val_shards=str(tmp_path / "val")).preview_captions(4) == ["v1", "v2"]
+    cond = ByteText().build(32)
+    assert cond.preview(3, ["b", "a"])["txt"] == ["b", "a", "b"]  # no stated prompts: the captions, cycled
+    assert ByteText(prompts=("x",)).build(32).preview(2, ["b"])["txt"] == ["x", "x"]  # stated prompts win
+    assert cond.preview(2)["txt"] == ["", ""]  # nothing known: the empty caption

@@ -14,6 +14,7 @@ import yaml
 from PIL import Image
 
 from app.__main__ import main
+from datamodules.shardlists import expand_shards, shard_captions
 from tests.conftest import ROOT, SMALL, TINY
 
 SMALL = [*SMALL, "--trainer.log_every_n_steps", "1"]
@@ -85,10 +86,11 @@ def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shard
         ckpt, shards = request.getfixturevalue("shape_latents")
         shrink += ["--model.init_args.codec.init_args.ckpt", str(ckpt), "--model.init_args.codec.init_args.resolution", "8"]
     model = yaml.safe_load((ROOT / config).read_text())["model"]["init_args"]
+    frames = ["--model.init_args.seconds", "null", "--model.init_args.tokenizer.frames"]  # latent frames, not seconds
     latent_sizes = {"image": ["--model.init_args.tokenizer.size", "8"],
-                    "video": ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2"],
-                    "audio": ["--model.init_args.tokenizer.frames", "16"],
-                    "audiovideo": ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                    "video": ["--model.init_args.tokenizer.size", "4", *frames, "2"],
+                    "audio": [*frames, "16"],
+                    "audiovideo": ["--model.init_args.tokenizer.size", "4", *frames, "2",
                                    "--model.init_args.fps", "8", "--model.init_args.audio_tokenizer.patch", "8"]}
     if str(model.get("codec", {}).get("class_path", "")).endswith("PretrainedAutoencoder"):  # cached latents, tiny models
         pipeline, shards = request.getfixturevalue("latent_shards")(modality)
@@ -107,6 +109,12 @@ def test_every_config_runs_one_step(config: str, tmp_path: Path, synthetic_shard
     if modality in ("image", "video", "audiovideo") and "codec" not in model:
         args += ["--model.init_args.tokenizer.size", "16"]  # the data transform follows the model
     assert main(args) == 0
+    if Path(config).stem == "tiny-text":  # previews prompted with the training captions, written beside them
+        (prompts,) = (tmp_path / "runs").rglob("*-prompts.txt")
+        callbacks = yaml.safe_load((ROOT / config).read_text())["trainer"]["callbacks"]
+        num = next(c for c in callbacks if c["class_path"].endswith("SamplePreview"))["init_args"]["num"]
+        assert prompts.read_text().splitlines() == shard_captions(expand_shards(str(shards / "*.tar")), num)
+        assert len(set(prompts.read_text().splitlines())) > 1
 
 
 def test_help_and_bad_input_are_one_line_errors(tmp_path: Path) -> None:

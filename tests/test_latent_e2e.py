@@ -22,11 +22,14 @@ CASES = {
     # modality: (synthetic kind, autoencoder, encode options, model overrides)
     "image": ("image", "kl", ["--size", "16"], ["--model.init_args.tokenizer.size", "8"]),
     "video": ("video", "wan", ["--size", "16", "--max-frames", "8"],
-              ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2", "--model.init_args.fps", "8"]),
+              ["--model.init_args.tokenizer.size", "4", "--model.init_args.seconds", "null",
+               "--model.init_args.tokenizer.frames", "2", "--model.init_args.fps", "8"]),
     "audio": ("audio", "oobleck", ["--max-seconds", "0.5"],
-              ["--model.init_args.tokenizer.frames", "32", "--model.init_args.tokenizer.patch", "4"]),
+              ["--model.init_args.seconds", "null", "--model.init_args.tokenizer.frames", "32",
+               "--model.init_args.tokenizer.patch", "4"]),
     "audiovideo": ("audiovideo", "wan", ["--size", "16", "--max-frames", "8", "--fps", "8"],
-                   ["--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                   ["--model.init_args.tokenizer.size", "4", "--model.init_args.seconds", "null",
+                    "--model.init_args.tokenizer.frames", "2",
                     "--model.init_args.fps", "8", "--model.init_args.audio_tokenizer.patch", "8"]),
 }
 
@@ -114,7 +117,8 @@ def test_latent_shards_made_with_other_models_or_rates_are_refused_in_one_line(
             "--model.init_args.backbone.depth_single", "1"]
     if modality == "audiovideo":
         args += ["--model.init_args.audio_codec.init_args.path", str(pipeline / "sound"), "--model.init_args.fps", "16",
-                 "--model.init_args.tokenizer.size", "4", "--model.init_args.tokenizer.frames", "2",
+                 "--model.init_args.tokenizer.size", "4", "--model.init_args.seconds", "null",
+                 "--model.init_args.tokenizer.frames", "2",
                  "--model.init_args.audio_tokenizer.patch", "8"]
     else:
         args += ["--model.init_args.tokenizer.size", "8"]

@@ -81,7 +81,8 @@ def test_audio_fit_packs_mixed_durations_and_samples_wav(tmp_path: Path, synthet
     wavs = sorted(out.glob("sample-*.wav"))
     assert len(wavs) == 2 and (out / "sample-spectrograms.png").is_file()
     wave, rate = soundfile.read(wavs[0])
-    assert rate == 8000 and len(wave) == model.codec.samples(model.tokenizer.frames) and abs(wave).max() <= 1.0
+    assert rate == 8000 and abs(wave).max() <= 1.0
+    assert 0 <= 8000 - len(wave) < 2 * model.codec.hop  # the config's seconds: 1.0, rounded down to whole tokens
     ckpt = str(tmp_path / "runs/m/checkpoints/last.ckpt")  # 3 s of audio, though the model trained on shorter clips
     assert main(["sample", "--ckpt", ckpt, "--num", "1", "--out", str(tmp_path / "long"), "--steps", "1", "--seconds", "3"]) == 0
     long, _ = soundfile.read(tmp_path / "long" / "sample-0000.wav")

@@ -121,6 +121,26 @@ def test_audiovideo_derives_the_audio_length_from_the_video() -> None:
     one_line_error(lambda: audiovideo(audio_codec=MelCodec(sample_rate=16000)), "model.audio_codec.sample_rate=16000")
 
 
+def test_lengths_are_stated_in_seconds_and_frames_derived() -> None:
+    """``model.seconds``: frames = seconds x rate through the codec, whole tokens; a stated frame count must agree."""
+    model = audio(sample_rate=8000, seconds=1.0)  # 8000 samples, hop 128: 62 whole mel frames (+1 cut to patch 2)
+    assert model.tokenizer.frames == 62 and model.codec.samples(62) <= 8000
+    assert audio(sample_rate=16000, seconds=5.0, codec=MelCodec(hop=160, n_fft=1024)).tokenizer.frames == 500
+    assert audio(sample_rate=8000, seconds=1.0, tokenizer=AudioFrames(frames=62)).tokenizer.frames == 62  # agrees
+    one_line_error(lambda: audio(sample_rate=8000, seconds=1.0, tokenizer=AudioFrames(frames=64)),
+                   "model.tokenizer.frames=64", "model.seconds=1.0", "8000 samples at 8000 Hz", "62")
+    clip = VideoFlow(tokenizer=VideoPatches(size=16, patch=2, tpatch=2), conditioning=ClassLabel(4),
+                     backbone=TINY_BACKBONE, fps=12, seconds=1.34)
+    assert clip.tokenizer.frames == 16 and clip.media_spec().frames == 16  # round(16.08), the data's longest clip too
+    one_line_error(lambda: VideoFlow(tokenizer=VideoPatches(frames=8, size=16, tpatch=2), conditioning=ClassLabel(4),
+                                     backbone=TINY_BACKBONE, fps=12, seconds=1.34),
+                   "model.tokenizer.frames=8", "model.seconds=1.34", "16 frames at 12 fps")
+    one_line_error(lambda: VideoFlow(tokenizer=VideoPatches(size=16, tpatch=2), conditioning=ClassLabel(4),
+                                     backbone=TINY_BACKBONE, fps=8, seconds=0.1), "model.seconds=0.1", "no whole token")
+    both = audiovideo(tokenizer=VideoPatches(size=16, patch=2, tpatch=2), seconds=0.5)  # 4 frames at 8 fps
+    assert both.tokenizer.frames == 4 and both.tokenizers[1].frames == 4 * 8000 // 8 // 125
+
+
 # ---------------------------------------------------------------- the data transform follows the model
 
 

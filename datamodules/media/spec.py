@@ -70,6 +70,10 @@ class TokenAxis:
     def tokens(self, n: int) -> int:
         return self.latent(n) // self.patch
 
+    def whole_latent(self, n: int) -> int:
+        """Latent steps of the longest length up to n that tokenizes whole: whole patches only (0: none)."""
+        return self.latent(n) // self.patch * self.patch
+
     def keep(self, n: int) -> int:
         """The longest length up to n that tokenizes whole (0: none does)."""
         if not self.causal:

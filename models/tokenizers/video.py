@@ -24,8 +24,9 @@ from models.tokenizers.base import Strides, Tokenizer, by_factor, pixel_media
 class VideoPatches(Tokenizer):
     channels: int | None = None
     """Channels of the latent; None: the codec's latent channels (3 for pixels), set by the generator."""
-    frames: int = 8
-    """Frames of the latent that samples are generated with."""
+    frames: int | None = None
+    """Latent frames that samples are generated with (the longest training clip by default); None: the
+    generator's ``seconds`` x fps, else 8."""
     size: int = 16
     """Height and width of the latent that samples are generated at."""
     patch: int = 2
@@ -33,13 +34,20 @@ class VideoPatches(Tokenizer):
     tpatch: int = 1
     """Frames per token; each token holds channels * tpatch * patch * patch values."""
 
+    default_frames: ClassVar[int] = 8
+
     def __post_init__(self) -> None:
-        if min(self.channels or 1, self.frames, self.size, self.patch, self.tpatch) <= 0:
+        if min(self.channels or 1, self.frames or 1, self.size, self.patch, self.tpatch) <= 0:
             raise ValueError(f"VideoPatches: all sizes must be positive, got {self}")
         if self.size % self.patch:
             raise ValueError(f"VideoPatches: size={self.size} must be a multiple of patch={self.patch}")
-        if self.frames % self.tpatch:
-            raise ValueError(f"VideoPatches: frames={self.frames} must be a multiple of tpatch={self.tpatch}")
+        if self.length % self.tpatch:
+            raise ValueError(f"VideoPatches: frames={self.length} must be a multiple of tpatch={self.tpatch}")
+
+    @property
+    def length(self) -> int:
+        """The latent frames samples are generated with: ``frames``, else the default."""
+        return self.frames or self.default_frames
 
     @property
     def token_dim(self) -> int:
@@ -48,7 +56,7 @@ class VideoPatches(Tokenizer):
     rope_axes: ClassVar[int] = 3
 
     def latent_shape(self) -> tuple[int, ...]:
-        return (self.known_channels(), self.frames, self.size, self.size)
+        return (self.known_channels(), self.length, self.size, self.size)
 
     def crop(self, latent: Tensor) -> Tensor:
         """Drop trailing frames short of a whole tubelet and rows/columns short of a whole patch."""
@@ -62,10 +70,10 @@ class VideoPatches(Tokenizer):
         k, by = s.temporal, by_factor(s.temporal, "temporal")
         media["sources"].update(frames=f"{key}.frames{by}", frame_multiple=f"{key}.tpatch{by}")
         time = TokenAxis(stride=k, patch=self.tpatch, causal=s.causal)
-        return {**media, "frames": time.span(self.frames), "time": time}
+        return {**media, "frames": time.span(self.length), "time": time}
 
     def num_tokens(self, frames: int | None = None, height: int | None = None, width: int | None = None) -> int:
-        t, h, w = frames or self.frames, height or self.size, width or self.size
+        t, h, w = frames or self.length, height or self.size, width or self.size
         return (t // self.tpatch) * (h // self.patch) * (w // self.patch)
 
     def positions(self, frames: int, height: int, width: int, device: torch.device | None = None) -> Tensor:
