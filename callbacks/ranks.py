@@ -69,8 +69,8 @@ class RankWatch(L.Callback):
         self._stop = threading.Event()
 
     @staticmethod
-    def key(rank: int) -> str:
-        return f"duoflow/heartbeat/{rank}"
+    def key(rank: int, what: str = "heartbeat") -> str:
+        return f"duoflow/{what}/{rank}"
 
     # ---- heartbeats, from setup to teardown ---------------------------------------------------
 
@@ -101,16 +101,20 @@ class RankWatch(L.Callback):
     # ---- the diagnosis, when fit fails ----------------------------------------------------------
 
     def vanished(self) -> list[int]:
-        """Ranks whose heartbeat stood still for stale_after seconds ([0] when the store is unreachable)."""
+        """Ranks whose heartbeat stood still for stale_after seconds and that did not report the failure
+        themselves (a survivor may exit, and stop beating, before this rank has looked); [0] when the
+        store is unreachable."""
         assert self._store is not None
         keys = [self.key(r) for r in range(self.world_size)]
         try:
+            self._store.set(self.key(self.rank, "failed"), "1")  # alive, and saw it too
             before = [self._store.add(k, 0) for k in keys]
             time.sleep(self.stale_after)
             after = [self._store.add(k, 0) for k in keys]
+            return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]
+                    and not self._store.check([self.key(r, "failed")])]
         except Exception:
             return [0]
-        return [r for r in range(self.world_size) if r != self.rank and after[r] == before[r]]
 
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         if self._store is None or isinstance(exception, KeyboardInterrupt):
@@ -130,7 +134,8 @@ class RankWatch(L.Callback):
             line = (f"a collective failed on rank {self.rank} at step {trainer.global_step} while all "
                     f"{self.world_size} ranks still answer (one is stuck, or the network between them failed): {first}")
         log.error(line)  # now, not after the shutdown: that may block, or be cut short by a launcher
-        exception.add_note(NOTE + line)  # `duoflow fit` exits with RANK_VANISHED_EXIT on it
+        # `duoflow fit` exits with RANK_VANISHED_EXIT on this note (add_note is Python 3.11+: the same by hand)
+        exception.__notes__ = [*getattr(exception, "__notes__", []), NOTE + line]
         timer = threading.Timer(self.exit_after, os._exit, args=(RANK_VANISHED_EXIT,))
         timer.daemon = True
         timer.start()

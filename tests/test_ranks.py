@@ -51,14 +51,19 @@ def free_port() -> int:
 
 
 @pytest.mark.timeout(180)
-@pytest.mark.parametrize("victim", [1, pytest.param(0, marks=pytest.mark.slow)])  # ~50 s each on 2 busy cores
-def test_survivor_names_the_vanished_rank_and_exits(tmp_path: Path, image_shards: Path, victim: int) -> None:
-    """Each rank started apart with torchrun's variables, as srun or torchrun start them (rank 0 serves the
-    rendezvous store). Under Lightning's own launcher its process observer SIGKILLs the main process instead."""
+@pytest.mark.parametrize("victim, how, timeout", [  # ~50 s each on 2 busy cores
+    (1, signal.SIGKILL, "0:00:20"),
+    pytest.param(0, signal.SIGKILL, "0:00:20", marks=pytest.mark.slow),  # rank 0 serves the rendezvous store
+    pytest.param(1, signal.SIGSTOP, "0:00:10", marks=pytest.mark.slow),  # silent, not dead: the timeout ends it
+])
+def test_survivor_names_the_vanished_rank_and_exits(tmp_path: Path, image_shards: Path, victim: int,
+                                                    how: signal.Signals, timeout: str) -> None:
+    """Each rank started apart with torchrun's variables, as srun or torchrun start them. (Under Lightning's
+    own launcher, `fit --trainer.devices 2`, its process observer SIGKILLs the main process instead.)"""
     cmd = [sys.executable, "-m", "app", "fit", "--config", TINY, "--config", str(ROOT / "configs/trainer/ddp.yaml"),
            *SMALL, "--data.train_shards", str(image_shards / "*.tar"), "--runs_dir", str(tmp_path / "runs"),
            "--name", "r", "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.max_steps", "100000",
-           "--trainer.logger", "false", "--trainer.strategy.init_args.timeout", "0:00:20",
+           "--trainer.logger", "false", "--trainer.strategy.init_args.timeout", timeout,
            "--trainer.callbacks+=tests.test_ranks.Pids"]
     env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "TORCHELASTIC_"))}
     env.update(PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()),
@@ -80,16 +85,18 @@ def test_survivor_names_the_vanished_rank_and_exits(tmp_path: Path, image_shards
                 pytest.fail("the 2-rank run did not start training:\n" + "".join(log.read_text()[-3000:] for log in logs))
             time.sleep(0.2)
 
-        os.kill(ranks[victim], signal.SIGKILL)
+        os.kill(ranks[victim], how)
         killed = time.monotonic()
+        survivor = 1 - victim
+        if how == signal.SIGSTOP:  # the stopped rank stays; the survivor must not wait for it past the timeout
+            sids = {procs[survivor].pid}
         while session_pids(sids) and time.monotonic() - killed < BOUND:
             time.sleep(0.1)
         took = time.monotonic() - killed
         left = session_pids(sids)
-        assert not left, f"still running {BOUND:.0f} s after the kill: {left}"
-        print(f"\nrank {victim} killed -> every process gone in {took:.1f} s")
+        assert not left, f"still running {BOUND:.0f} s after the {how.name}: {left}"
+        print(f"\n{how.name} to rank {victim} -> every process of rank {survivor} gone in {took:.1f} s")
 
-        survivor = 1 - victim
         out = logs[survivor].read_text()
         assert procs[survivor].wait(timeout=5) == 4, out[-3000:]
         lines = [line for line in out.splitlines() if "vanished" in line or line.startswith("error")]
@@ -97,7 +104,7 @@ def test_survivor_names_the_vanished_rank_and_exits(tmp_path: Path, image_shards
         assert f"rank {survivor} stopped at step" in lines[0]
         assert "Traceback" not in out and "frame #" not in out, out[-3000:]  # no stack dumps, Python's or C++'s
     finally:
-        for pid in session_pids(sids):
+        for pid in session_pids({p.pid for p in procs}):
             os.kill(pid, signal.SIGKILL)
         for p in procs:
             p.wait(timeout=10)
