@@ -10,7 +10,9 @@ and the ranks whose counters stood still are the vanished ones (an unreachable s
 serves it, vanished). The diagnosis is logged as one line at once and attached to the exception as
 a note; `duoflow fit` then exits with RANK_VANISHED_EXIT (no traceback), on which slurm/train.sbatch
 requeues. If shutting down after the failure hangs (a blocked NCCL kernel, a data-loader worker, a
-logger), the process ends itself `exit_after` seconds after the diagnosis, with the same code.
+logger), the process ends itself `exit_after` seconds after the diagnosis, with the same code; and once
+Lightning's teardown is done it ends before the broken process group's destructors run (they can take
+seconds) and before other exit handlers (an unfinished W&B run shows as crashed).
 
 Ranks started by srun or torchrun each run this. Under Lightning's own launcher (`fit --trainer.devices N`
 on one machine) its process observer SIGKILLs the main process within 5 s of a child rank's death
@@ -21,8 +23,10 @@ on one machine) its process observer SIGKILLs the main process within 5 s of a c
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import sys
 import threading
 import time
 from datetime import timedelta
@@ -65,7 +69,7 @@ class RankWatch(L.Callback):
             raise ValueError(f"RankWatch: stale_after ({stale_after}) must exceed interval ({interval})")
         self.interval, self.stale_after, self.exit_after = interval, stale_after, exit_after
         self.rank, self.world_size = 0, 1
-        self._store: dist.TCPStore | None = None
+        self._store: dist.Store | None = None
         self._stop = threading.Event()
 
     @staticmethod
@@ -78,11 +82,15 @@ class RankWatch(L.Callback):
         if stage != "fit" or trainer.world_size < 2 or self._store is not None:
             return
         env = trainer.strategy.cluster_environment  # the process group is up: its rendezvous is known
-        self.rank, self.world_size = trainer.global_rank, trainer.world_size
         # a client of its own (the process group's is busy in collectives); ops fail after stale_after
-        self._store = dist.TCPStore(env.main_address, env.main_port, is_master=False, wait_for_workers=False,
-                                    timeout=timedelta(seconds=max(self.stale_after, 1.0)))
-        self._store.add(self.key(self.rank), 1)
+        store = dist.TCPStore(env.main_address, env.main_port, is_master=False, wait_for_workers=False,
+                              timeout=timedelta(seconds=max(self.stale_after, 1.0)))
+        self.start(store, trainer.global_rank, trainer.world_size)
+
+    def start(self, store: dist.Store, rank: int, world_size: int) -> None:
+        """Beat for `rank` in `store` until teardown."""
+        self._store, self.rank, self.world_size = store, rank, world_size
+        store.add(self.key(rank), 1)
         self._stop.clear()
         threading.Thread(target=self._beat, name="duoflow-heartbeat", daemon=True).start()
 
@@ -94,9 +102,12 @@ class RankWatch(L.Callback):
             except Exception:  # the store is gone with rank 0: the diagnosis reports it, if there is one
                 return
 
-    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+    def stop(self) -> None:
         self._stop.set()
         self._store = None
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self.stop()
 
     # ---- the diagnosis, when fit fails ----------------------------------------------------------
 
@@ -136,6 +147,13 @@ class RankWatch(L.Callback):
         log.error(line)  # now, not after the shutdown: that may block, or be cut short by a launcher
         # `duoflow fit` exits with RANK_VANISHED_EXIT on this note (add_note is Python 3.11+: the same by hand)
         exception.__notes__ = [*getattr(exception, "__notes__", []), NOTE + line]
-        timer = threading.Timer(self.exit_after, os._exit, args=(RANK_VANISHED_EXIT,))
+        timer = threading.Timer(self.exit_after, exit_now)  # if Lightning's teardown blocks
         timer.daemon = True
         timer.start()
+        atexit.register(exit_now)  # runs first: skips the destructors of the broken process group (seconds)
+
+
+def exit_now() -> None:
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(RANK_VANISHED_EXIT)

@@ -50,12 +50,42 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.timeout(60)
+def test_diagnosis_names_silent_ranks_only() -> None:
+    """In-process, on a real TCPStore: a rank that stopped beating is named, unless it reported the failure
+    itself (a survivor that already left); an unreachable store means rank 0, which serves it, is gone."""
+    import torch.distributed as dist
+
+    from callbacks.ranks import NOTE, RankWatch, is_collective_failure, vanished_line
+
+    server = dist.TCPStore("127.0.0.1", free_port(), is_master=True, wait_for_workers=False)
+    watches = [RankWatch(interval=0.05, stale_after=0.5) for _ in range(3)]
+    for rank in (0, 1, 2):  # rank 3 of 4 never beats
+        watches[rank].start(dist.TCPStore("127.0.0.1", server.port, is_master=False), rank, 4)
+    watches[2].stop()  # rank 2 stops beating ...
+    assert watches[0].vanished() == [2, 3]
+    server.set(RankWatch.key(2, "failed"), "1")  # ... having reported the failure: it was a survivor
+    assert watches[1].vanished() == [3]
+
+    lonely = RankWatch(interval=0.05, stale_after=0.5)
+    lonely.start(dist.TCPStore("127.0.0.1", server.port, is_master=False), 1, 2)
+    del server  # the store's server goes with rank 0
+    assert lonely.vanished() == [0]
+    for watch in (*watches, lonely):
+        watch.stop()
+
+    gloo = RuntimeError("[/pytorch/third_party/gloo/gloo/transport/tcp/pair.cc:547] Connection closed by peer")
+    assert is_collective_failure(gloo) and not is_collective_failure(ValueError("bad config"))
+    gloo.__notes__ = [NOTE + "rank 1 of 2 vanished"]
+    assert vanished_line(gloo) == "rank 1 of 2 vanished" and vanished_line(ValueError()) is None
+
+
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("victim, how, timeout", [  # ~50 s each on 2 busy cores
     (1, signal.SIGKILL, "0:00:20"),
     pytest.param(0, signal.SIGKILL, "0:00:20", marks=pytest.mark.slow),  # rank 0 serves the rendezvous store
     pytest.param(1, signal.SIGSTOP, "0:00:10", marks=pytest.mark.slow),  # silent, not dead: the timeout ends it
-])
+], ids=["kill-rank1", "kill-rank0", "stop-rank1"])
 def test_survivor_names_the_vanished_rank_and_exits(tmp_path: Path, image_shards: Path, victim: int,
                                                     how: signal.Signals, timeout: str) -> None:
     """Each rank started apart with torchrun's variables, as srun or torchrun start them. (Under Lightning's
