@@ -10,9 +10,9 @@ and the ranks whose counters stood still are the vanished ones (an unreachable s
 serves it, vanished). The diagnosis is logged as one line at once and attached to the exception as
 a note; `duoflow fit` then exits with RANK_VANISHED_EXIT (no traceback), on which slurm/train.sbatch
 requeues. If shutting down after the failure hangs (a blocked NCCL kernel, a data-loader worker, a
-logger), the process ends itself `exit_after` seconds after the diagnosis, with the same code; and once
-Lightning's teardown is done it ends before the broken process group's destructors run (they can take
-seconds) and before other exit handlers (an unfinished W&B run shows as crashed).
+logger), the process ends itself `exit_after` seconds after the diagnosis, with the same code; after
+a clean teardown it ends once the exit handlers (W&B's) have run, skipping the destructors of the broken
+process group (they take seconds).
 
 Ranks started by srun or torchrun each run this. Under Lightning's own launcher (`fit --trainer.devices N`
 on one machine) its process observer SIGKILLs the main process within 5 s of a child rank's death
@@ -70,7 +70,12 @@ class RankWatch(L.Callback):
         self.interval, self.stale_after, self.exit_after = interval, stale_after, exit_after
         self.rank, self.world_size = 0, 1
         self._store: dist.Store | None = None
-        self._stop = threading.Event()
+        self._stop: threading.Event | None = None  # made by start() (keeps the callback picklable)
+        self.failed = False  # set by the diagnosis: end the process when Python's exit handlers are done
+        # registered now, before a logger's (wandb.init registers its own later): exit handlers run last
+        # registered first, so this one ends the process after W&B has closed its run, but before the
+        # destructors of the broken process group run (they take seconds)
+        atexit.register(self._exit_if_failed)
 
     @staticmethod
     def key(rank: int, what: str = "heartbeat") -> str:
@@ -91,19 +96,20 @@ class RankWatch(L.Callback):
         """Beat for `rank` in `store` until teardown."""
         self._store, self.rank, self.world_size = store, rank, world_size
         store.add(self.key(rank), 1)
-        self._stop.clear()
-        threading.Thread(target=self._beat, name="duoflow-heartbeat", daemon=True).start()
+        self._stop = threading.Event()
+        threading.Thread(target=self._beat, args=(self._stop,), name="duoflow-heartbeat", daemon=True).start()
 
-    def _beat(self) -> None:
+    def _beat(self, stop: threading.Event) -> None:
         store, key = self._store, self.key(self.rank)
-        while store is not None and not self._stop.wait(self.interval):
+        while store is not None and not stop.wait(self.interval):
             try:
                 store.add(key, 1)
             except Exception:  # the store is gone with rank 0: the diagnosis reports it, if there is one
                 return
 
     def stop(self) -> None:
-        self._stop.set()
+        if self._stop is not None:
+            self._stop.set()
         self._store = None
 
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -147,10 +153,14 @@ class RankWatch(L.Callback):
         log.error(line)  # now, not after the shutdown: that may block, or be cut short by a launcher
         # `duoflow fit` exits with RANK_VANISHED_EXIT on this note (add_note is Python 3.11+: the same by hand)
         exception.__notes__ = [*getattr(exception, "__notes__", []), NOTE + line]
+        self.failed = True
         timer = threading.Timer(self.exit_after, exit_now)  # if Lightning's teardown blocks
         timer.daemon = True
         timer.start()
-        atexit.register(exit_now)  # runs first: skips the destructors of the broken process group (seconds)
+
+    def _exit_if_failed(self) -> None:
+        if self.failed:
+            exit_now()
 
 
 def exit_now() -> None:
