@@ -71,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
     quiet_known_noise()
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("WANDB_SILENT", "true")
+    # torch's C++ warnings (read before torch loads) print stack dumps, e.g. for each store call after a rank
+    # vanished; callbacks/ranks.py says what happened in one line. TORCH_CPP_LOG_LEVEL=WARNING shows them again.
+    os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(HELP)
         return 0
@@ -99,6 +102,12 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # checkpoints are written; the run failed, so say so in the exit code
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except Exception as e:  # a rank vanished mid-step: callbacks/ranks.py has logged the one line naming it
+        from callbacks.ranks import RANK_VANISHED_EXIT, vanished_line
+
+        if vanished_line(e) is None or os.environ.get("DUOFLOW_TRACEBACK"):
+            raise
+        return RANK_VANISHED_EXIT
 
 
 if __name__ == "__main__":

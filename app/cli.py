@@ -23,6 +23,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from app.checkpoint_io import AtomicCheckpointIO
 from app.errors import UserError
+from callbacks.ranks import RankWatch
 from datamodules.shards import ShardDataModule, expand_shards, shard_conditions
 from models.checkpoints import reading_as_data
 
@@ -216,6 +217,8 @@ class DuoflowCLI(LightningCLI):
                     cb.dirpath = ckpt_dir
                 if not cb.save_last:
                     cb.save_last = True  # keeps "link" if the user chose it
+        if trainer.world_size > 1 and not any(isinstance(cb, RankWatch) for cb in trainer.callbacks):
+            trainer.callbacks.append(RankWatch())  # a vanished rank is named in one line, survivors exit
         return trainer
 
     def before_fit(self) -> None:

@@ -66,6 +66,9 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     s.add_argument("--account", help="Slurm account")
     s.add_argument("--qos", help="Slurm quality of service")
     s.add_argument("--constraint", help="node features, e.g. h100")
+    s.add_argument("--max-failures", type=int, default=3,
+                   help="requeue the job after a rank vanished (killed, out of memory, node lost) at most this many "
+                        "times (default 3); it resumes from the last checkpoint")
     s.add_argument("--sbatch", action="append", default=[], metavar="OPTION",
                    help="any other sbatch option, e.g. --sbatch=--mem=0 (repeatable)")
     s.add_argument("--job-name", help="Slurm job name (default: duoflow-<run name>)")
@@ -77,17 +80,27 @@ def parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     return args, extra
 
 
-def run_name(configs: list[str], name: str | None) -> str:
-    """The run name `fit` would pick: --name, else the last config's `name:`, else <folder>-<file stem>."""
-    if name:
-        return name
+def config_value(configs: list[str], *keys: str) -> object:
+    """The value at keys (e.g. "trainer", "strategy") in the last config that sets it, else None."""
     for cfg in reversed(configs):
         path = Path(cfg)
         if not path.is_file():
             raise UserError(f"--config {cfg}: no such file")
         data = yaml.safe_load(path.read_text()) or {}
-        if isinstance(data, dict) and data.get("name"):
-            return str(data["name"])
+        for key in keys:
+            data = data.get(key) if isinstance(data, dict) else None
+        if data:
+            return data
+    return None
+
+
+def run_name(configs: list[str], name: str | None) -> str:
+    """The run name `fit` would pick: --name, else the last config's `name:`, else <folder>-<file stem>."""
+    if name:
+        return name
+    found = config_value(configs, "name")
+    if found:
+        return str(found)
     path = Path(configs[-1])
     return f"{path.parent.name}-{path.stem}" if path.parent.name else path.stem
 
@@ -102,9 +115,10 @@ def fit_args(args: argparse.Namespace, name: str, runs_dir: Path, extra: list[st
     out += [["--name", name], ["--runs_dir", str(runs_dir)], ["--ckpt_path", "last"]]
     if args.gpus_per_node > 0:
         out += [["--trainer.accelerator", "gpu"], ["--trainer.devices", str(args.gpus_per_node)]]
-    else:  # CPU processes talk over gloo
-        out += [["--trainer.accelerator", "cpu"], ["--trainer.devices", str(args.tasks_per_node)],
-                ["--trainer.strategy", "ddp"]]
+    else:  # CPU processes talk over gloo, with the configs' strategy (e.g. configs/trainer/ddp.yaml) if they set one
+        out += [["--trainer.accelerator", "cpu"], ["--trainer.devices", str(args.tasks_per_node)]]
+        if not config_value(args.config, "trainer", "strategy"):
+            out.append(["--trainer.strategy", "ddp"])
     out.append(["--trainer.num_nodes", str(args.nodes)])
     if extra:
         out.append(extra)
@@ -113,8 +127,8 @@ def fit_args(args: argparse.Namespace, name: str, runs_dir: Path, extra: list[st
 
 def render(args: argparse.Namespace, extra: list[str]) -> tuple[str, Path]:
     """The batch script and the run directory."""
-    if args.nodes < 1 or args.gpus_per_node < 0 or args.tasks_per_node < 1:
-        raise UserError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node >= 0")
+    if args.nodes < 1 or args.gpus_per_node < 0 or args.tasks_per_node < 1 or args.max_failures < 0:
+        raise UserError("--nodes and --tasks-per-node must be >= 1, --gpus-per-node and --max-failures >= 0")
     name = run_name(args.config, args.name)
     workdir = Path.cwd().resolve()
     runs_dir = (workdir / args.runs_dir).resolve()
@@ -129,6 +143,8 @@ def render(args: argparse.Namespace, extra: list[str]) -> tuple[str, Path]:
     resources += args.sbatch
     tasks = args.gpus_per_node if args.gpus_per_node > 0 else args.tasks_per_node
     lines = [" ".join(shlex.quote(a) for a in group) for group in fit_args(args, name, runs_dir, extra)]
+    from callbacks.ranks import RANK_VANISHED_EXIT  # here: it loads Lightning, which --help and errors do not need
+
     script = Template(TEMPLATE.read_text()).substitute(
         job_name=args.job_name or f"duoflow-{name}",
         nodes=args.nodes,
@@ -136,6 +152,8 @@ def render(args: argparse.Namespace, extra: list[str]) -> tuple[str, Path]:
         resource_lines="".join(f"#SBATCH {r}\n" for r in resources),
         run_dir=run_dir,
         signal_seconds=SIGNAL_SECONDS,
+        rank_vanished_exit=RANK_VANISHED_EXIT,
+        max_failures=args.max_failures,
         workdir=workdir,
         python=shlex.quote(args.python),
         fit_args=" \\\n".join("    " + line for line in lines),

@@ -101,6 +101,44 @@ def test_dry_run_two_nodes_eight_gpus(capsys: pytest.CaptureFixture) -> None:
 
 
 @pytest.mark.timeout(60)
+def test_two_node_cpu_script_keeps_the_configs_strategy(capsys: pytest.CaptureFixture) -> None:
+    script = render(capsys, "--config", TINY, "--config", "configs/trainer/ddp.yaml", "--nodes", "2")
+    assert "#SBATCH --nodes=2\n" in script and "#SBATCH --ntasks-per-node=1\n" in script
+    fit = script.split("srun ", 1)[1]
+    for arg in ("--trainer.accelerator cpu", "--trainer.devices 1", "--trainer.num_nodes 2"):
+        assert arg in fit, arg
+    assert "--trainer.strategy" not in fit  # configs/trainer/ddp.yaml's DDPStrategy (and its timeout) stays
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("status, requeued", [(0, False), (2, False), (3, False), (4, True), (137, True)])
+def test_script_requeues_when_a_rank_vanished(tmp_path: Path, capsys: pytest.CaptureFixture, status: int,
+                                              requeued: bool) -> None:
+    """The rendered script run by bash with stand-ins for srun (exits `status`) and scontrol (records its calls)."""
+    script = tmp_path / "train.sbatch"
+    script.write_text(render(capsys, "--config", TINY, "--name", "x", "--runs_dir", str(tmp_path / "runs"),
+                             "--max-failures", "2"))
+    (tmp_path / "runs/x").mkdir(parents=True)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text(f"#!/bin/sh\nexit {status}\n")
+    (bin_dir / "scontrol").write_text(f"#!/bin/sh\necho \"$*\" >>{tmp_path}/calls\necho JobState=RUNNING\n")
+    for tool in bin_dir.iterdir():
+        tool.chmod(0o755)
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", SLURM_JOB_ID="7")
+    calls = tmp_path / "calls"
+    outs = []
+    for attempt in (1, 2, 3):  # the third failure of the same job is not requeued (--max-failures 2)
+        done = subprocess.run(["bash", str(script)], env=env, capture_output=True, text=True, timeout=30)
+        assert done.returncode == status, done.stderr
+        made = calls.read_text().count("requeue 7") if calls.exists() else 0
+        assert made == (min(attempt, 2) if requeued else 0), done.stdout
+        outs.append(done.stdout)
+    said = f"training failed (exit {status}): requeueing job 7 (failure 1 of 2) to resume from the last checkpoint"
+    assert (said in outs[0]) == requeued and "requeueing" not in outs[2]
+
+
+@pytest.mark.timeout(60)
 def test_dry_run_rejects_run_options_after_dashes(capsys: pytest.CaptureFixture) -> None:
     from app import slurm
 
@@ -229,6 +267,11 @@ def unavailable(reason: str) -> None:
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     """A one-node Slurm started by slurm/local-cluster.sh (installs Debian's packages when root), stopped after."""
+    yield from local_cluster(tmp_path_factory, nodes=1)
+
+
+def local_cluster(tmp_path_factory: pytest.TempPathFactory, nodes: int) -> Iterator[dict[str, str]]:
+    """Starts slurm/local-cluster.sh with `nodes` nodes, yields the environment that points Slurm's commands at it."""
     have = shutil.which("sbatch") and os.path.exists("/usr/sbin/slurmd") and os.path.exists("/usr/sbin/munged")
     if not have and (os.geteuid() != 0 or not shutil.which("apt-get")):
         unavailable("Slurm is not installed and installing it needs root and apt-get "
@@ -236,7 +279,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]
     if os.geteuid() != 0:
         unavailable("slurm/local-cluster.sh needs root (slurmd starts jobs as their user)")
     state = tmp_path_factory.mktemp("slurm")
-    env = dict(os.environ, LOCAL_SLURM_PORT=str(free_port_pair()), SLURM_CONF=str(state / "etc/slurm.conf"))
+    env = dict(os.environ, LOCAL_SLURM_PORT=str(free_port_pair()), SLURM_CONF=str(state / "etc/slurm.conf"),
+               LOCAL_SLURM_NODES=str(nodes))
     script = str(ROOT / "slurm/local-cluster.sh")
     start = subprocess.run([script, "start", str(state)], env=env, capture_output=True, text=True, timeout=300)
     if start.returncode != 0:
