@@ -306,11 +306,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
-        return rms_norm(x, self.weight, self.eps).to(x.dtype)
+        return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
 
-def rms_norm(x: Tensor, weight: Tensor, eps: float) -> Tensor:
-    """x / rms(x over the last dim) * weight, in (at least) float32 and returned so: a caller that
-    goes on in float32 (QK-norm then RoPE) casts down once. `weight` broadcasts against x."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    return xf * torch.rsqrt(xf.pow(2).mean(dim=-1, keepdim=True) + eps) * weight.to(xf.dtype)
+def rms_norm(x: Tensor, eps: float) -> Tensor:
+    """x / rms(x over the last dim), without a weight, in x's dtype: torch's rms_norm, one fused kernel
+    on CUDA that accumulates in float32; a caller folds its weight into what follows (RoPE's tables)."""
+    return F.rms_norm(x, x.shape[-1:], None, eps)

@@ -84,17 +84,22 @@ class TimestepEmbedder(nn.Module):
 def _qkv(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Rope | None) -> tuple[Tensor, Tensor]:
     """(B, N, 3C) -> qk (B, N, 2, H, D) after QK-norm then RoPE, and v (B, N, H, D).
 
-    q and k go through the norm and the rotation as one tensor (half the kernel launches, each
-    with its own norm weight) and stay in float32 between the two: one cast back at the end.
-    """
+    q and k go through the norm and the rotation as one tensor (half the kernel launches). The norm is
+    torch's rms_norm (one fused kernel on CUDA, float32 inside, x's dtype out); each one's norm weight
+    is folded into RoPE's small tables (or one multiply without RoPE), not a pass of its own; RoPE
+    reads q and k in their dtype and rounds once (models/rope.py). No float32 copy of q and k."""
     qkv = qkv.unflatten(-1, (3, heads, -1))
     qk, v = qkv.split([2, 1], dim=2)  # split, not slices: its backward is one cat, not zero-fills
     v = v.squeeze(2)
     if isinstance(q_norm, RMSNorm) and isinstance(k_norm, RMSNorm):
-        qk = rms_norm(qk, torch.stack([q_norm.weight, k_norm.weight])[:, None], q_norm.eps)  # weights (2, 1, D)
+        weight = torch.stack([q_norm.weight, k_norm.weight])[:, None]  # (2, 1, D)
+        qk = rms_norm(qk, q_norm.eps)
+        if rope is None:
+            return qk * weight.to(qk.dtype), v
+        return apply_rope(qk, *rope, weight=weight), v
     if rope is not None:
-        qk = apply_rope(qk, *rope, out_dtype=v.dtype)
-    return qk.to(v.dtype), v
+        qk = apply_rope(qk, *rope)
+    return qk, v
 
 
 class StreamLayers(nn.Module):

@@ -42,18 +42,30 @@ def rope_cos_sin(pos: Tensor, axes_dims: Sequence[int], theta: float = 10000.0) 
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """Rotate consecutive pairs of x (B, N, ..., D) by cos/sin (B, N, D//2), broadcast over the dims
-    between N and D (heads; q and k together); computed in >= float32, returned in `out_dtype`
-    (default x's dtype)."""
+def swap_pairs(x: Tensor) -> Tensor:
+    """(x[1], x[0], x[3], x[2], ...) over the last dim: the partner of each coordinate in its rotated pair."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = None) -> Tensor:
+    """Rotate consecutive pairs of x * weight, x (B, N, ..., D), by cos/sin (B, N, D//2), broadcast over
+    the dims between N and D (heads; q and k together). `weight` (..., D) broadcasts against x's dims
+    after N (a QK-norm scale per q and k, folded into the tables here). Computed in (at least) float32,
+    returned in x's dtype: one rounding.
+
+    Real-valued, as out = y * C + swap_pairs(y) * S with y = x * weight, C = (c0, c0, c1, c1, ...) and
+    S = (-s0, s0, -s1, s1, ...). The tables (B, N, 1.., D) are built on the small (B, N, D/2) inputs,
+    the weight folded in there (a head's worth of work, not every head's), so the full-size tensor
+    sees a multiply, a pair swap and an addcmul: one fused kernel when compiled, and no float32 copy
+    of x in eager (the multiply reads x in its own dtype)."""
     if cos.shape[-1] * 2 != x.shape[-1]:
         raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
     dtype = torch.promote_types(x.dtype, torch.float32)
-    # Flux form: a 2x2 rotation per pair, built once on the small (B, N, D/2) tables and broadcast
-    # over heads, so the full-size tensor sees two multiplies and one add (no stack/cat of it).
     cos, sin = cos.to(dtype), sin.to(dtype)
-    rot = torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))  # (B, N, D/2, 2, 2)
-    rot = rot.reshape(*rot.shape[:2], *[1] * (x.ndim - 3), *rot.shape[2:])  # (B, N, 1.., D/2, 2, 2)
-    pairs = x.to(dtype).unflatten(-1, (-1, 1, 2))  # (B, N, ..., D/2, 1, 2)
-    out = rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]  # (B, N, ..., D/2, 2)
-    return out.flatten(-2).to(out_dtype or x.dtype)
+    c = torch.stack((cos, cos), dim=-1).flatten(-2)  # (B, N, D)
+    s = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    c, s = (t.reshape(*t.shape[:2], *[1] * (x.ndim - 3), t.shape[-1]) for t in (c, s))  # (B, N, 1.., D)
+    if weight is not None:
+        w = weight.to(dtype)
+        c, s = c * w, s * swap_pairs(w)  # (y C)[i] = x[i] w[i] C[i]; swap(y)[i] = x[j] w[j], j the partner of i
+    return torch.addcmul(x * c, swap_pairs(x), s).to(x.dtype)
