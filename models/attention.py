@@ -306,10 +306,6 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: Tensor) -> Tensor:
+        """torch's rms_norm: one fused kernel on CUDA, accumulating in float32, x's dtype out."""
         return F.rms_norm(x, self.weight.shape, self.weight.to(x.dtype), self.eps)
 
-
-def rms_norm(x: Tensor, eps: float) -> Tensor:
-    """x / rms(x over the last dim), without a weight, in x's dtype: torch's rms_norm, one fused kernel
-    on CUDA that accumulates in float32; a caller folds its weight into what follows (RoPE's tables)."""
-    return F.rms_norm(x, x.shape[-1:], None, eps)
