@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from models.attention import RMSNorm, select_kernel
 from models.packing import Layout
-from models.rope import apply_rope
+from models.rope import rope_tables, rotate
 
 Rope = tuple[Tensor, Tensor]
 
@@ -86,11 +86,12 @@ def _qkv(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Ro
 
     Each norm is torch's rms_norm with its weight (one fused kernel on CUDA, float32 inside, the
     input's dtype out) read straight from qkv; RoPE reads its output in that dtype and rounds once
-    (models/rope.py): two roundings, no float32 copy of q or k, and its tables are shared by q and k."""
+    (models/rope.py): two roundings, no float32 copy of q or k; RoPE's tables are built once for both."""
     q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(2)  # views, no copy
     q, k = q_norm(q), k_norm(k)
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        tables = rope_tables(*rope, q)  # shared by q and k
+        q, k = rotate(q, *tables), rotate(k, *tables)
     return q, k, v
 
 

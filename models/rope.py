@@ -47,25 +47,27 @@ def swap_pairs(x: Tensor) -> Tensor:
     return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, weight: Tensor | None = None) -> Tensor:
-    """Rotate consecutive pairs of x * weight, x (B, N, ..., D), by cos/sin (B, N, D//2), broadcast over
-    the dims between N and D (heads; q and k together). `weight` (..., D) broadcasts against x's dims
-    after N (a QK-norm scale per q and k, folded into the tables here). Computed in (at least) float32,
-    returned in x's dtype: one rounding.
-
-    Real-valued, as out = y * C + swap_pairs(y) * S with y = x * weight, C = (c0, c0, c1, c1, ...) and
-    S = (-s0, s0, -s1, s1, ...). The tables (B, N, 1.., D) are built on the small (B, N, D/2) inputs,
-    the weight folded in there (a head's worth of work, not every head's), so the full-size tensor
-    sees a multiply, a pair swap and an addcmul: one fused kernel when compiled, and no float32 copy
-    of x in eager (the multiply reads x in its own dtype)."""
-    if cos.shape[-1] * 2 != x.shape[-1]:
-        raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
+def rope_tables(cos: Tensor, sin: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """C = (c0, c0, c1, c1, ...) and S = (-s0, s0, -s1, s1, ...), each (B, N, 1.., D) in (at least)
+    float32, from cos/sin (B, N, D/2), shaped for tensors like `like` (B, N, ..., D): build once,
+    rotate q and k."""
+    if cos.shape[-1] * 2 != like.shape[-1]:
+        raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {like.shape[-1]}")
+    ndim, dtype = like.ndim, torch.promote_types(like.dtype, torch.float32)
     cos, sin = cos.to(dtype), sin.to(dtype)
     c = torch.stack((cos, cos), dim=-1).flatten(-2)  # (B, N, D)
     s = torch.stack((-sin, sin), dim=-1).flatten(-2)
-    c, s = (t.reshape(*t.shape[:2], *[1] * (x.ndim - 3), t.shape[-1]) for t in (c, s))  # (B, N, 1.., D)
-    if weight is not None:
-        w = weight.to(dtype)
-        c, s = c * w, s * swap_pairs(w)  # (y C)[i] = x[i] w[i] C[i]; swap(y)[i] = x[j] w[j], j the partner of i
+    return tuple(t.reshape(*t.shape[:2], *[1] * (ndim - 3), t.shape[-1]) for t in (c, s))  # (B, N, 1.., D)
+
+
+def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """x * C + swap_pairs(x) * S with `rope_tables`: computed in the tables' float32, returned in x's dtype
+    (one rounding). The full-size tensor sees a multiply, a pair swap and an addcmul, read in its own
+    dtype: one fused kernel when compiled, no float32 copy of x in eager."""
     return torch.addcmul(x * c, swap_pairs(x), s).to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, N, ..., D) by cos/sin (B, N, D//2), broadcast over the dims
+    between N and D (heads); computed in (at least) float32, returned in x's dtype."""
+    return rotate(x, *rope_tables(cos, sin, x))
