@@ -32,12 +32,12 @@ else
   DEV="--device cuda --dtype bf16"; TOK="--heads 16 --tokens 1024 4096 --batch 4 --iters 20 --warmup 3"
   STEP="--preset gpu --iters 20"; FLOPS="--dim 2048 --heads 16 --depth-dual 6 --depth-single 8 --tokens 4096 --ctx 256 --batch 4 --iters 10 --peak-tflops 989 --compile --profile 25"
   LAT="--image-size 256 --samples 512 --encode-batch 32 --pixel-size 128 --pixel-patch 4 --dim 1024 --heads 16 --batch 64"; XF="--tokens 1024 --iters 10"
-  TESTS="tests/test_attention.py tests/test_blocks.py tests/test_backbone.py tests/test_compile.py"
+  TESTS="tests/test_attention.py tests/test_blocks.py tests/test_backbone.py tests/test_compile.py tests/test_host_syncs.py"
 fi
 # 1. xformers for real: what it says about itself, and one call per fMHA op (errors recorded)
 run 60 $PY -m xformers.info > "$RESULTS/xformers-info.txt" 2>&1 || true
 run 60 $PY bench/xformers_ops.py $DEV $XF
-# 2. the CUDA-only tests (xformers and varlen flash vs math, fullgraph compile), then the attention table
+# 2. the CUDA-only tests (xformers and varlen flash vs math, fullgraph compile, one sync per step), then the attention table
 run 120 $PY -m pytest -q -p no:cacheprovider $TESTS 2>&1 | tail -n 15 | tee "$RESULTS/tests.txt"
 run 60 $PY bench/attention_backends.py $DEV $TOK
 # 3. step time vs diffusers: both compiled (the bar), then both eager; peak memory in the tables

@@ -18,9 +18,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
-from models.attention import RMSNorm, rms_norm, select_kernel
+from models.attention import RMSNorm, select_kernel
 from models.packing import Layout
-from models.rope import apply_rope
+from models.rope import rope_tables, rotate
 
 Rope = tuple[Tensor, Tensor]
 
@@ -81,20 +81,18 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
-def _qkv(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Rope | None) -> tuple[Tensor, Tensor]:
-    """(B, N, 3C) -> qk (B, N, 2, H, D) after QK-norm then RoPE, and v (B, N, H, D).
+def _qkv(qkv: Tensor, heads: int, q_norm: nn.Module, k_norm: nn.Module, rope: Rope | None) -> tuple[Tensor, Tensor, Tensor]:
+    """(B, N, 3C) -> q, k, v (B, N, H, D): q and k after QK-norm then RoPE.
 
-    q and k go through the norm and the rotation as one tensor (half the kernel launches, each
-    with its own norm weight) and stay in float32 between the two: one cast back at the end.
-    """
-    qkv = qkv.unflatten(-1, (3, heads, -1))
-    qk, v = qkv.split([2, 1], dim=2)  # split, not slices: its backward is one cat, not zero-fills
-    v = v.squeeze(2)
-    if isinstance(q_norm, RMSNorm) and isinstance(k_norm, RMSNorm):
-        qk = rms_norm(qk, torch.stack([q_norm.weight, k_norm.weight])[:, None], q_norm.eps)  # weights (2, 1, D)
+    Each norm is torch's rms_norm with its weight (one fused kernel on CUDA, float32 inside, the
+    input's dtype out) read straight from qkv; RoPE reads its output in that dtype and rounds once
+    (models/rope.py): two roundings, no float32 copy of q or k; RoPE's tables are built once for both."""
+    q, k, v = qkv.unflatten(-1, (3, heads, -1)).unbind(2)  # views, no copy
+    q, k = q_norm(q), k_norm(k)
     if rope is not None:
-        qk = apply_rope(qk, *rope, out_dtype=v.dtype)
-    return qk.to(v.dtype), v
+        tables = rope_tables(*rope, q)  # shared by q and k
+        q, k = rotate(q, *tables), rotate(k, *tables)
+    return q, k, v
 
 
 class StreamLayers(nn.Module):
@@ -141,16 +139,15 @@ class DualStreamBlock(nn.Module):
         if len(xs) != len(self.streams) or len(rope) != len(self.streams):
             raise ValueError(f"DualStreamBlock: expected {len(self.streams)} streams, got {len(xs)} xs and {len(rope)} rope")
         c = F.silu(c)
-        mods, qks, vs = [], [], []
+        mods, qs, ks, vs = [], [], [], []
         for s, (x, p) in enumerate(zip(xs, self.streams)):
             mod = layout.expand(p.mod(c), s).chunk(6, dim=-1)  # 6 x (B, 1|N_s, C)
             mods.append(mod)
             h = modulate(p.norm1(x), mod[0], mod[1])
-            qk, v = _qkv(p.qkv(h), self.heads, p.q_norm, p.k_norm, rope[s])
-            qks.append(qk), vs.append(v)
+            q, k, v = _qkv(p.qkv(h), self.heads, p.q_norm, p.k_norm, rope[s])
+            qs.append(q), ks.append(k), vs.append(v)
 
-        q, k = layout.join(qks).unbind(2)  # (B, N, H, D) each
-        v = layout.join(vs)
+        q, k, v = layout.join(qs), layout.join(ks), layout.join(vs)  # (B, N, H, D) each
         a = self.attend(q, k, v, layout.joint())
         a = rearrange(a, "b n h d -> b n (h d)")
         attn_out = layout.split(a, sizes=[x.shape[1] for x in xs])
@@ -197,7 +194,6 @@ class SingleStreamBlock(nn.Module):
         shift, scale, gate = mod.chunk(3, dim=-1)
         h = modulate(self.norm(x), shift, scale)
         qkv, mlp = self.linear1(h).split([3 * self.dim, self.hidden], dim=-1)
-        qk, v = _qkv(qkv, self.heads, self.q_norm, self.k_norm, rope)
-        a = self.attend(*qk.unbind(2), v, layout)
+        a = self.attend(*_qkv(qkv, self.heads, self.q_norm, self.k_norm, rope), layout)
         a = rearrange(a, "b n h d -> b n (h d)")
         return torch.addcmul(x, gate, self.linear2(torch.cat([a, self.act(mlp)], dim=-1)))

@@ -23,7 +23,12 @@ lengths: packed with the other streams, so padding is never attended to)."""
 
 
 class ConditionModule(nn.Module):
-    """forward(cond, drop) -> (context tokens, pooled (B, D)); drop (B,) bool selects the null condition."""
+    """forward(cond, drop) -> (context tokens, pooled (B, D)); drop (B,) bool selects the null condition.
+
+    `drop` comes from the host (FlowMatchingModule draws it there): a condition that decides per
+    sample in Python (captions of their own lengths) reads it without stalling the GPU, and one that
+    works on the device moves it there without a read. Nothing in forward reads a device value: a
+    read would wait for the GPU at every training step (tests/test_host_syncs.py)."""
 
     fingerprints: list[str] = []
     """Of pretrained text encoders' folders (recorded in checkpoints, checked against cached embeddings)."""
@@ -38,8 +43,13 @@ class ConditionModule(nn.Module):
         captions a text model uses when its config states no prompts."""
         return {}
 
+    def check(self, cond: dict[str, Any]) -> None:
+        """Raise one clear line for conditions this module cannot take. Called on the host, before a batch
+        moves to the device (and once per sampling run), never in forward: there it would be a device read."""
+
     def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
-        """The conditions of a whole sampling run, with what need not be recomputed at every step done once."""
+        """The conditions of a whole sampling run, checked, with what need not be recomputed at every step done once."""
+        self.check(cond)
         return cond
 
 
@@ -87,12 +97,18 @@ class ClassEmbedder(ConditionModule):
     def preview(self, num: int, captions: Sequence[str] = ()) -> dict[str, Any]:
         return {"cls": [i % self.num_classes for i in range(num)]}
 
+    def check(self, cond: dict[str, Any]) -> None:
+        """Labels within 0..num_classes-1 (num_classes itself would silently be the null class)."""
+        if "cls" not in cond:
+            return
+        labels = torch.as_tensor(cond["cls"]).reshape(-1)
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(f"class label {int(bad[0])} outside 0..{self.num_classes - 1} (model.conditioning.num_classes)")
+
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
-        labels = torch.as_tensor(cond["cls"], device=self.table.weight.device).long()
-        if ((labels < 0) | (labels >= self.num_classes)).any():
-            bad = labels[(labels < 0) | (labels >= self.num_classes)][0].item()
-            raise ValueError(f"class label {bad} outside 0..{self.num_classes - 1} (model.conditioning.num_classes)")
-        labels = torch.where(drop.to(labels.device), torch.full_like(labels, self.num_classes), labels)
+        labels = torch.as_tensor(cond["cls"], device=self.table.weight.device).long()  # checked on the host (check)
+        labels = torch.where(drop.to(labels.device, non_blocking=True), self.num_classes, labels)
         emb = self.table(labels)  # (B, D)
         return emb[:, None], emb
 
@@ -137,11 +153,12 @@ class ByteTextEncoder(TextConditionModule):
         for i, text in enumerate(texts):
             data = list(text.encode("utf-8")[: self.max_len])
             out[i, : len(data)] = torch.tensor(data, dtype=torch.long)
-        return out.to(self.pos.device)
+        return out.to(self.pos.device, non_blocking=True)
 
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Tensor, Tensor]:
-        texts = ["" if d else t for t, d in zip(cond["txt"], drop.tolist())]
-        h = self.norm(self.encoder(self.embed(self.encode_bytes(texts)) + self.pos))  # (B, L, D)
+        ids = self.encode_bytes(list(cond["txt"]))
+        ids = torch.where(drop.to(ids.device, non_blocking=True)[:, None], self.PAD, ids)  # dropped: the empty caption
+        h = self.norm(self.encoder(self.embed(ids) + self.pos))  # (B, L, D)
         return h, h.mean(1)
 
 
@@ -222,11 +239,12 @@ class PretrainedTextEncoder(TextConditionModule):
     def forward(self, cond: dict[str, Any], drop: Tensor) -> tuple[Context, Tensor]:
         tokens, pooled = self.embeddings(cond)
         device = self.pooled[0].weight.device
-        if bool(drop.any()):
+        dropped = drop.tolist()  # a host tensor (see ConditionModule): the caption lengths are decided here
+        if any(dropped):
             null = self.text.null()
             null_tokens = [null.unpadded(i)[0] for i in range(len(null.tokens))]
-            tokens = [null_tokens if d else t for t, d in zip(tokens, drop.tolist())]
-            pooled = torch.where(drop.to(pooled.device)[:, None], null.pooled.to(pooled), pooled)
+            tokens = [null_tokens if d else t for t, d in zip(tokens, dropped)]
+            pooled = torch.where(drop.to(pooled.device, non_blocking=True)[:, None], null.pooled.to(pooled), pooled)
         context = [
             torch.cat([proj(t.to(device, torch.float32)) for proj, t in zip(self.proj, per_caption)])  # (L_b, D)
             for per_caption in tokens

@@ -28,7 +28,7 @@ from models.conditioning import Condition, Unconditional
 from models.packing import Layout
 from models.tokenizers.base import Tokenizer
 from models.tokens import Latents, Tokens, as_packed, map_latents, per_sample_mse, tokenize, untokenize
-from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step
+from models.training import OptimConfig, RunState, adamw_with_warmup, guarded_step, host_generator
 
 
 class FlowMatchingModule(RunState, L.LightningModule):
@@ -203,18 +203,18 @@ class FlowMatchingModule(RunState, L.LightningModule):
     def loss(self, batch: dict[str, Any], generator: torch.Generator | None = None, dropout: bool = True) -> Tensor:
         """Mean over samples of the squared velocity error, summed over generated streams.
 
-        t, noise and (with `dropout`) the condition-dropout mask are drawn from `generator` on its
-        device (None: the global RNG): training passes `noise_generator()`, validation a fixed CPU
-        seed and no dropout."""
+        t and noise are drawn from `generator` on its device (None: the global RNG), the condition-dropout
+        mask (with `dropout`) on the host from the same seed: conditions read it there without a device
+        sync. Training passes `noise_generator()`, validation a fixed CPU seed and no dropout."""
         xs = self.tokens(batch)
         s, device = xs[0].num_samples, xs[0].x.device
         on = generator.device if generator is not None else device
         t = flow.shift_t(self.timesteps(s, generator=generator, device=on).to(device), self.shift)
         eps = [torch.randn(x.x.shape, generator=generator, device=on).to(x.x) for x in xs]
         if dropout:
-            drop = flow.drop_mask(s, self.cond_drop, generator=generator, device=on).to(device)
+            drop = flow.drop_mask(s, self.cond_drop, generator=host_generator(generator))  # on the host
         else:
-            drop = torch.zeros(s, dtype=torch.bool, device=device)
+            drop = torch.zeros(s, dtype=torch.bool)
         x_t = [x.with_x(flow.interpolate(x.x, e, x.per_token(t))) for x, e in zip(xs, eps)]
         vs = self.velocity_tokens(x_t, t, self.conditions(batch), drop)
         per_sample = sum(
@@ -241,6 +241,13 @@ class FlowMatchingModule(RunState, L.LightningModule):
                 if isinstance(spec, dict):
                     spec["fingerprint"] = fingerprint
 
+
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """Conditions are checked here, on the host, before the batch moves: read on the device in the
+        step, a class label would stall the GPU at every step (the datamodule has no such hook)."""
+        if isinstance(batch, dict):
+            self.cond.check(self.conditions(batch))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
 
     def configure_optimizers(self) -> Any:
         return adamw_with_warmup(self, self.optim)
@@ -292,7 +299,7 @@ class FlowMatchingModule(RunState, L.LightningModule):
         def flat(vs: list[Tensor]) -> Tensor:
             return torch.cat([v.flatten(1) for v in vs], dim=1)
 
-        keep = torch.zeros(num, dtype=torch.bool, device=self.device)
+        keep = torch.zeros(num, dtype=torch.bool)  # drop masks live on the host (ConditionModule)
         cond = self.cond.prepare(cond)  # e.g. captions encoded once, not at every ODE step
         both = {k: (list(v) * 2 if isinstance(v, (list, tuple)) else torch.cat([v, v])) for k, v in cond.items()}
         both_drop = torch.cat([keep, ~keep])

@@ -42,18 +42,32 @@ def rope_cos_sin(pos: Tensor, axes_dims: Sequence[int], theta: float = 10000.0) 
     return ang.cos().float(), ang.sin().float()
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor, out_dtype: torch.dtype | None = None) -> Tensor:
-    """Rotate consecutive pairs of x (B, N, ..., D) by cos/sin (B, N, D//2), broadcast over the dims
-    between N and D (heads; q and k together); computed in >= float32, returned in `out_dtype`
-    (default x's dtype)."""
-    if cos.shape[-1] * 2 != x.shape[-1]:
-        raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {x.shape[-1]}")
-    dtype = torch.promote_types(x.dtype, torch.float32)
-    # Flux form: a 2x2 rotation per pair, built once on the small (B, N, D/2) tables and broadcast
-    # over heads, so the full-size tensor sees two multiplies and one add (no stack/cat of it).
+def swap_pairs(x: Tensor) -> Tensor:
+    """(x[1], x[0], x[3], x[2], ...) over the last dim: the partner of each coordinate in its rotated pair."""
+    return x.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
+
+
+def rope_tables(cos: Tensor, sin: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """C = (c0, c0, c1, c1, ...) and S = (-s0, s0, -s1, s1, ...), each (B, N, 1.., D) in (at least)
+    float32, from cos/sin (B, N, D/2), shaped for tensors like `like` (B, N, ..., D): build once,
+    rotate q and k."""
+    if cos.shape[-1] * 2 != like.shape[-1]:
+        raise ValueError(f"rope: cos/sin last dim {cos.shape[-1]} must be half the head dim {like.shape[-1]}")
+    ndim, dtype = like.ndim, torch.promote_types(like.dtype, torch.float32)
     cos, sin = cos.to(dtype), sin.to(dtype)
-    rot = torch.stack((cos, -sin, sin, cos), dim=-1).unflatten(-1, (2, 2))  # (B, N, D/2, 2, 2)
-    rot = rot.reshape(*rot.shape[:2], *[1] * (x.ndim - 3), *rot.shape[2:])  # (B, N, 1.., D/2, 2, 2)
-    pairs = x.to(dtype).unflatten(-1, (-1, 1, 2))  # (B, N, ..., D/2, 1, 2)
-    out = rot[..., 0] * pairs[..., 0] + rot[..., 1] * pairs[..., 1]  # (B, N, ..., D/2, 2)
-    return out.flatten(-2).to(out_dtype or x.dtype)
+    c = torch.stack((cos, cos), dim=-1).flatten(-2)  # (B, N, D)
+    s = torch.stack((-sin, sin), dim=-1).flatten(-2)
+    return tuple(t.reshape(*t.shape[:2], *[1] * (ndim - 3), t.shape[-1]) for t in (c, s))  # (B, N, 1.., D)
+
+
+def rotate(x: Tensor, c: Tensor, s: Tensor) -> Tensor:
+    """x * C + swap_pairs(x) * S with `rope_tables`: computed in the tables' float32, returned in x's dtype
+    (one rounding). The full-size tensor sees a multiply, a pair swap and an addcmul, read in its own
+    dtype: one fused kernel when compiled, no float32 copy of x in eager."""
+    return torch.addcmul(x * c, swap_pairs(x), s).to(x.dtype)
+
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate consecutive pairs of x (B, N, ..., D) by cos/sin (B, N, D//2), broadcast over the dims
+    between N and D (heads); computed in (at least) float32, returned in x's dtype."""
+    return rotate(x, *rope_tables(cos, sin, x))

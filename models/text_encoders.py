@@ -144,7 +144,7 @@ class EncodedText:
     tokens: list[Tensor]
     """Per encoder: (B, L_i, D_i) float32 token states, zero past each caption's length."""
     lengths: list[Tensor]
-    """Per encoder: (B,) int64 true token counts (attention-mask sums)."""
+    """Per encoder: (B,) int64 true token counts (attention-mask sums), on the host."""
     pooled: Tensor
     """(B, sum P_j): every encoder's pooled vector, concatenated in encoder order."""
 
@@ -184,12 +184,14 @@ class TextEncoder:
         self.pooled_dim = self.model.config.projection_dim if kind.clip_projection else self.token_dim
 
     def __call__(self, captions: list[str]) -> tuple[Tensor, Tensor, Tensor]:
-        """Captions -> (B, L, D) token states, (B,) lengths, (B, P) pooled, all on the model's device."""
+        """Captions -> (B, L, D) token states and (B, P) pooled on the model's device, (B,) lengths on the
+        host (counted from the tokenizer's mask there: splitting by them then reads no device value)."""
         device = next(self.model.parameters()).device
         batch = self.tokenizer(
             captions, padding="longest", truncation=True, max_length=self.spec.max_length, return_tensors="pt",
         )
-        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        lengths = batch["attention_mask"].sum(dim=1)
+        ids, mask = (batch[k].to(device, non_blocking=True) for k in ("input_ids", "attention_mask"))
         with no_autocast(device):
             out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=self.spec.layer is not None)
         hidden = out.last_hidden_state if self.spec.layer is None else out.hidden_states[self.spec.layer]
@@ -197,7 +199,7 @@ class TextEncoder:
         pooled = KINDS[self.kind].pooled(out, tokens, mask).float()
         if self.normalize_pooled:
             pooled = nn.functional.normalize(pooled, dim=-1)
-        return tokens, mask.sum(dim=1), pooled
+        return tokens, lengths, pooled
 
 
 class TextEncoders(FrozenModules):

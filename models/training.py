@@ -67,10 +67,12 @@ def adamw_with_warmup(module: nn.Module, optim: OptimConfig) -> dict[str, Any]:
     """AdamW plus a per-step LambdaLR: linear warm-up over ``optim.warmup_steps``, then constant.
 
     With ``weight_decay > 0`` the parameters split into ``decay_groups``. The update runs as one
-    fused kernel on CUDA (``fused=True``) and as multi-tensor ``foreach`` ops elsewhere."""
+    fused kernel per parameter on CUDA and CPU (``fused=True``), whose step counters stay inside the
+    kernel (``foreach`` reads each one on the host: one value read per parameter and step), and as
+    multi-tensor ``foreach`` ops on other devices."""
     params = list(module.parameters())  # frozen ones too (no grad, never updated), as checkpoints store them
     groups = decay_groups(module, optim.weight_decay) if optim.weight_decay > 0 else params
-    fused = bool(params) and all(p.is_cuda for p in params)
+    fused = bool(params) and all(p.device.type in ("cuda", "cpu") and p.is_floating_point() for p in params)
     opt = torch.optim.AdamW(groups, lr=optim.lr, betas=optim.betas, weight_decay=optim.weight_decay,
                             fused=fused, foreach=not fused)
     warm = max(optim.warmup_steps, 0)
@@ -115,10 +117,21 @@ def guarded_step(module: Any, loss: Tensor, batch_size: int) -> bool:
         log.warning("non-finite loss or gradient at step %d: update skipped (%d in a row)",
                     module.global_step, module.nonfinite_streak)
     opt.zero_grad(set_to_none=True)
-    module.log("train/skipped_steps", float(module.nonfinite_total), batch_size=batch_size)
-    module.log("train/lr", sched.get_last_lr()[0], batch_size=batch_size)
+    # host values logged as CPU tensors: Lightning would make a Python float a device tensor, one
+    # blocking host-to-device copy (a sync) per value and step
+    module.log("train/skipped_steps", torch.tensor(float(module.nonfinite_total)), batch_size=batch_size)
+    module.log("train/lr", torch.tensor(sched.get_last_lr()[0]), batch_size=batch_size)
     module.last_step_applied = applied
     return applied
+
+
+def host_generator(generator: torch.Generator | None) -> torch.Generator | None:
+    """A CPU generator for draws the host must read (e.g. the condition-dropout mask): `generator`
+    itself when on the CPU (or None: the global RNG), else a CPU one seeded like it, so a batch's
+    draws stay a function of its seed."""
+    if generator is None or generator.device.type == "cpu":
+        return generator
+    return torch.Generator().manual_seed(generator.initial_seed())
 
 
 def require_run_state(module: object, user: str) -> "RunState":

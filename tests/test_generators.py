@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from models.backbone import MMDiTConfig
@@ -54,15 +55,17 @@ def test_text_conditioning_and_cfg_generation_shapes() -> None:
 
 
 def test_bad_class_label_is_a_clear_error() -> None:
+    """Checked on the host: as a batch moves to the device (fit, validate) and once per sampling run;
+    label 3 of a 3-class model would otherwise be the null class. The fit path: tests/test_host_syncs.py."""
     m = tiny()
     b = batch()
-    b["cls"] = torch.tensor([0, 1, 7, 0])
-    try:
-        m.loss(b)
-    except ValueError as e:
-        assert "class label 7" in str(e) and "num_classes" in str(e)
-    else:
-        raise AssertionError("expected a ValueError")
+    for label in (7, 3, -1):
+        b["cls"] = torch.tensor([0, 1, label, 0])
+        with pytest.raises(ValueError, match=rf"class label {label} outside 0\.\.2 .*num_classes"):
+            m.transfer_batch_to_device(b, torch.device("cpu"), 0)
+    with pytest.raises(ValueError, match=r"class label 7 outside 0\.\.2"):
+        m.generate({"cls": [7, 0]}, 2, steps=1)
+    assert m.transfer_batch_to_device(batch(), torch.device("cpu"), 0)["cls"].tolist() == [0, 1, 2, 0]
 
 
 def test_backbone_stream_count_checked() -> None:
