@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     from app.errors import UserError
+    from callbacks.checkpoint import CheckpointNotSaved
     from callbacks.guards import TrainingDiverged
     from datamodules.shards import TooManyBadSamples
 
@@ -99,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # checkpoints are written; the run failed, so say so in the exit code
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointNotSaved as e:  # the run's newest steps are not on disk: a failure, said in the exit code
+        print(f"error: {e}", file=sys.stderr)
+        return 4
 
 
 if __name__ == "__main__":
