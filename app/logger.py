@@ -87,9 +87,10 @@ class WandbLogger(_LightningWandb):
             self._wandb_init["settings"] = settings
             try:
                 return super().experiment
-            except (wandb.errors.CommError, wandb.errors.UsageError, TimeoutError) as exn:
+            except (wandb.errors.Error, TimeoutError, ConnectionError) as exn:
                 reason = str(exn).strip().splitlines()[0] if str(exn).strip() else type(exn).__name__
                 self._experiment = None
+                wandb.teardown()  # W&B's service still holds the run id of the attempt: a fresh one for offline
         waited = time.perf_counter() - started
         self._offline, self._log_model = True, False  # offline runs upload no checkpoints
         self._wandb_init["mode"] = "offline"

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from datamodules.decoders import BadSample
 from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
+from datamodules.sources import SHOWN_PATHS, class_folders
 from datamodules.solids import SOLIDS, caption, inside, sdf, solid_of, surface, volume  # noqa: F401 (re-exported)
 from datamodules.transforms import SampleTransform
 from datamodules.writers import ShardWriter, write_classes
@@ -163,8 +164,8 @@ def mesh_sample(vertices: np.ndarray, faces: np.ndarray, points: int, queries: i
 
 def find_meshes(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
     """(class names, [(label or -1, path)]): class sub-folders when there are any, else the folder itself."""
-    is_mesh = lambda p: p.is_file() and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    is_mesh = lambda p: (p.is_file() or p.is_symlink()) and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
+    classes = class_folders(root)  # a link back to root is no class (a symlink loop)
     files = [(-1, p) for p in sorted(root.iterdir()) if is_mesh(p)]
     files += [(label, p) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*")) if is_mesh(p)]
     return classes, files
@@ -191,14 +192,14 @@ def write_mesh_folder(
     random.Random(0).shuffle(files)
     if classes:
         write_classes(out, classes)
-    skipped = 0
+    skipped: list[str] = []
     with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
         for i, (label, path) in enumerate(tqdm(files, desc=f"shards {src}", unit="mesh", disable=not progress)):
             try:
                 vertices, faces = read_mesh(path)
                 pts, q, occ, centre, scale = mesh_sample(vertices, faces, points, queries, np.random.default_rng(i))
-            except (OSError, ValueError, IndexError) as exn:
-                skipped += 1
+            except Exception as exn:  # noqa: BLE001 - whatever a broken file raises means "unreadable", named and counted
+                skipped.append(path.relative_to(root).as_posix())
                 log.warning("skipped mesh %s: %s", path, exn)
                 continue
             meta = {"path": str(path.relative_to(root)), "centre": centre.tolist(), "scale": scale}
@@ -209,10 +210,11 @@ def write_mesh_folder(
             if caption_path.is_file():
                 extra["txt"] = caption_path.read_text(encoding="utf-8").strip()
             writer.write(occupancy_sample(f"{i:08d}", pts, q, occ, **extra))
-    if skipped == len(files):
-        raise ValueError(f"mesh folder {src!r}: none of the {skipped} meshes could be read (see the warnings above)")
+    names = ", ".join(sorted(skipped)[:SHOWN_PATHS]) + (", ..." if len(skipped) > SHOWN_PATHS else "")
+    if len(skipped) == len(files):
+        raise ValueError(f"mesh folder {src!r}: none of the {len(skipped)} meshes could be read ({names})")
     if skipped:
-        log.warning("write_mesh_folder: skipped %d of %d meshes in %s", skipped, len(files), src)
+        log.warning("write_mesh_folder: skipped %d of %d meshes in %s: %s", len(skipped), len(files), src, names)
     return writer.paths
 
 
