@@ -9,7 +9,8 @@ next scheduled save tries again. Checkpoints of the keep-last-K rotation are onl
 newer one is saved. Training stops with `CheckpointNotSaved` (exit code 4) when the save it cannot do
 without fails: the final save when training ends (or the preemption save, callbacks/preemption.py),
 or `max_failed_saves` saves in a row (the disk is not coming back; the steps since the last good
-checkpoint would be lost anyway).
+checkpoint would be lost anyway). Under DDP only rank 0 writes: whether a save failed is decided by all
+ranks together (`save_together`), so that every rank goes on, or stops, at the same step.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import errno
 import logging
 import os
 import shutil
+from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -38,6 +40,22 @@ class CheckpointNotSaved(RuntimeError):
 
 def no_room(exn: BaseException) -> bool:
     return isinstance(exn, OSError) and exn.errno in NO_ROOM
+
+
+def save_together(trainer: L.Trainer, save: Callable[[], None]) -> OSError | None:
+    """Run a save every rank takes part in; a failure for lack of room on any rank is returned on every rank
+    (None: saved everywhere). Any other error is raised."""
+    error: OSError | None = None
+    try:
+        save()
+    except OSError as exn:
+        if not no_room(exn):
+            raise
+        error = exn
+        trainer.strategy.barrier("Trainer.save_checkpoint")  # the one the failed save skipped: ranks stay in step
+    if not trainer.strategy.reduce_boolean_decision(error is not None, all=False):
+        return None
+    return error or OSError(errno.ENOSPC, "not saved on another rank (no room)")
 
 
 def failed_save(exn: OSError, folder: str | os.PathLike) -> str:
@@ -90,32 +108,29 @@ class RunCheckpoint(ModelCheckpoint):
         self._tolerating_no_room(super()._save_topk_checkpoint, trainer, monitor_candidates)
 
     def _save_last_checkpoint(self, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        self._tolerating_no_room(super()._save_last_checkpoint, trainer, monitor_candidates)
+        if self._tolerating_no_room(super()._save_last_checkpoint, trainer, monitor_candidates):
+            self._saved_step = trainer.global_step
 
-    def _tolerating_no_room(self, save: Any, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        """Run one of ModelCheckpoint's saves; when it lacks room, put its record back (so that nothing points at a
-        file that is not there and no older checkpoint is rotated out), then warn or stop."""
+    def _tolerating_no_room(self, save: Any, trainer: L.Trainer, monitor_candidates: dict[str, Any]) -> bool:
+        """Run one of ModelCheckpoint's saves; True when it saved. When it lacked room (on any rank), put its record
+        back (nothing points at a file that is not there, no older checkpoint is rotated out), then warn or stop."""
         before = {name: getattr(self, name) for name in STATE}
         before["best_k_models"] = dict(self.best_k_models)
-        try:
-            save(trainer, monitor_candidates)
-        except OSError as exn:
-            if not no_room(exn):
-                raise
+        error = save_together(trainer, lambda: save(trainer, monitor_candidates))
+        if error is not None:
             for name, value in before.items():
                 setattr(self, name, value)
-            self._failed(trainer, exn)
-            return
-        if self._last_global_step_saved == trainer.global_step:
-            self._saved_step = trainer.global_step
+            self._failed(trainer, error)
+            return False
         if self._failed_step != trainer.global_step:
             self.failed_saves = 0
+        return True
 
     def _failed(self, trainer: L.Trainer, exn: OSError) -> None:
         line = failed_save(exn, self.dirpath or trainer.default_root_dir)
         kept = (f"{self.last_model_path} (step {self._saved_step}) is kept" if self._saved_step is not None
                 else "no checkpoint was saved yet")
-        if self._final:
+        if self._final:  # all ranks alike: the failure was decided together
             raise CheckpointNotSaved(f"{line}; the final save at step {trainer.global_step} failed, {kept}") from exn
         if self._failed_step == trainer.global_step or 0 < trainer.max_steps <= trainer.global_step:
             return  # one line per step (its top-k and last.ckpt saves); the last step's: the final save's error
@@ -125,8 +140,9 @@ class RunCheckpoint(ModelCheckpoint):
             raise CheckpointNotSaved(f"{line}; {self.failed_saves} saves in a row failed (max_failed_saves="
                                      f"{self.max_failed_saves}), stopping at step {trainer.global_step}; {kept}") from exn
         retry = f"step {trainer.global_step + self._every_n_train_steps}" if self._every_n_train_steps else "the next save"
-        log.warning("%s; %s, training goes on and saves again at %s (failure %d in a row; at %d training stops)",
-                    line, kept, retry, self.failed_saves, self.max_failed_saves)
+        if trainer.is_global_zero:  # decided together, said once
+            log.warning("%s; %s, training goes on and saves again at %s (failure %d in a row; at %d training stops)",
+                        line, kept, retry, self.failed_saves, self.max_failed_saves)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Lightning restores last_model_path only when the stored dirpath equals ours as a string; a run

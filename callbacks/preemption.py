@@ -34,7 +34,7 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
-from callbacks.checkpoint import CheckpointNotSaved, failed_save, no_room
+from callbacks.checkpoint import CheckpointNotSaved, failed_save, save_together
 
 log = logging.getLogger("duoflow.preemption")
 
@@ -152,13 +152,11 @@ class Preemption(L.Callback):
                   if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath) == Path(path).parent]
         for cb in owners:  # saved in the checkpoint: the resumed run keeps writing last.ckpt, not last-v1.ckpt
             cb.last_model_path = path
-        try:
-            trainer.save_checkpoint(path)  # all ranks: sharded strategies gather or write their shards
-        except OSError as exn:  # nothing to requeue from: stop, and say so in the exit code
-            if not no_room(exn):
-                raise
-            raise CheckpointNotSaved(f"{failed_save(exn, Path(path).parent)}; the preemption save at step "
-                                     f"{trainer.global_step} failed, the job is not requeued") from exn
+        # all ranks: sharded strategies gather or write their shards; a failure for lack of room stops every rank
+        error = save_together(trainer, lambda: trainer.save_checkpoint(path))
+        if error is not None:  # nothing to requeue from: stop, and say so in the exit code
+            raise CheckpointNotSaved(f"{failed_save(error, Path(path).parent)}; the preemption save at step "
+                                     f"{trainer.global_step} failed, the job is not requeued") from error
         self.stopped_at = trainer.global_step
         for cb in owners:  # and no second save of this step when training ends
             cb._last_global_step_saved = trainer.global_step

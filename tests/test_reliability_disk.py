@@ -8,8 +8,11 @@ import contextlib
 import errno
 import logging
 import os
+import re
 import resource
 import signal
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +27,7 @@ from app.checkpoint_io import AtomicCheckpointIO
 from callbacks.checkpoint import CheckpointNotSaved, RunCheckpoint
 from callbacks.preemption import Preemption
 from datamodules.shards import ShardDataModule
+from tests.conftest import ROOT
 from tests.test_reliability_checkpoints import Linear
 from tests.test_reliability_resume import small_config
 
@@ -121,4 +125,39 @@ def test_a_failed_preemption_save_stops_with_checkpoint_not_saved(tmp_path: Path
                         callbacks=[Signal(), preemption, RunCheckpoint(every_n_train_steps=2)])
     with pytest.raises(CheckpointNotSaved, match="preemption save at step 3 failed, the job is not requeued"):
         trainer.fit(Linear(), ShardDataModule(str(image_shards), batch_size=8, num_workers=0))
+    assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
+
+
+DDP_SCRIPT = """
+import sys, lightning as L
+sys.path.insert(0, {root!r})
+from callbacks.checkpoint import CheckpointNotSaved, RunCheckpoint
+from datamodules.shards import ShardDataModule
+from tests.conftest import ROOT
+from tests.test_reliability_checkpoints import Linear
+from tests.test_reliability_disk import FullDiskAt
+
+if __name__ == "__main__":
+    trainer = L.Trainer(strategy="ddp", accelerator="cpu", devices=2, max_steps=30, logger=False,
+                        enable_progress_bar=False, enable_model_summary=False, default_root_dir={out!r},
+                        plugins=[FullDiskAt(set(range(4, 31)))],
+                        callbacks=[RunCheckpoint(every_n_train_steps=2, max_failed_saves=2)])
+    try:
+        trainer.fit(Linear(), ShardDataModule({shards!r}, batch_size=4, num_workers=0))
+    except CheckpointNotSaved as e:
+        print(f"rank {{trainer.global_rank}} stopped at step {{trainer.global_step}}: {{e}}", flush=True)
+        sys.exit(4)
+"""
+
+
+@pytest.mark.slow
+def test_ddp_ranks_stop_together_when_rank_0_cannot_save(tmp_path: Path, image_shards: Path) -> None:
+    """2 gloo ranks, only rank 0 writes and its saves fail from step 4: both ranks learn it at the same step and
+    stop together with CheckpointNotSaved (no rank left waiting in a collective)."""
+    script = tmp_path / "ddp_fit.py"
+    script.write_text(DDP_SCRIPT.format(root=str(ROOT), out=str(tmp_path), shards=str(image_shards)))
+    proc = subprocess.run([sys.executable, str(script)], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    stops = sorted(re.findall(r"rank (\d) stopped at step (\d+)", proc.stdout))  # the ranks' lines may interleave
+    assert proc.returncode == 4 and stops == [("0", "6"), ("1", "6")], proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert proc.stderr.count("checkpoint not saved") == 1  # the warning at step 4, from rank 0 only
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
