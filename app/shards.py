@@ -15,14 +15,25 @@ def parse(argv: list[str]) -> argparse.Namespace:
         "shapes", help="a mesh folder: <name>.ply|obj|off, or <class>/<name>.ply|obj|off, optional .txt captions",
         description="Shard a folder of PLY/OBJ/OFF meshes into shape samples (surface points, occupancy queries and "
                     "labels), the data of the shape autoencoder. With class sub-folders, class ids are the sorted "
-                    "folder names (written to OUT/classes.json). Each mesh is centred and scaled into the ball of radius 0.9; "
-                    "unreadable meshes are skipped with a warning.")
+                    "folder names (written to OUT/classes.json). Each mesh is turned z-up (--up-axis), centred and "
+                    "scaled into the ball of radius 0.9 (--scale); unreadable meshes are skipped, counted and named; "
+                    "meshes with (nearly) empty occupancy are written, counted and named. See datamodules/ingest_mesh.py.")
     shp.add_argument("src", help="folder of .ply/.obj/.off meshes, or of class sub-folders holding them")
     shp.add_argument("out", help="output folder for the shards")
     shp.add_argument("--shard-size", type=int, default=1000, help="shapes per shard (default 1000)")
     shp.add_argument("--prefix", default="shape", help="shard file name prefix (default shape)")
     shp.add_argument("--points", type=int, default=2048, help="surface points stored per shape (default 2048)")
     shp.add_argument("--queries", type=int, default=2048, help="occupancy query points stored per shape (default 2048)")
+    shp.add_argument("--up-axis", default="z", choices=("z", "y", "x"),
+                     help="the meshes' up axis, turned to +z, the shards' up (default z; y for glTF/Blender/ShapeNet)")
+    shp.add_argument("--scale", default="fit", type=mesh_scale,
+                     help="fit: each mesh fills the ball of radius 0.9 (default; sizes lost); a number: cube units per "
+                          "metre, sizes kept, larger meshes skipped (e.g. 0.5 fits objects up to 1.8 m across)")
+    shp.add_argument("--units", default="m", choices=("m", "cm", "mm", "in", "ft"),
+                     help="the unit of the mesh files, with a numeric --scale (default m)")
+    shp.add_argument("--min-inside", type=float, default=0.01,
+                     help="warn about (and count) meshes with fewer queries inside than this fraction (default 0.01)")
+    shp.add_argument("--workers", type=int, default=1, help="processes reading meshes in parallel (default 1)")
     enc = sub.add_parser(
         "encode-shapes", help="shape shards -> latent shards for ShapeFlow, with a trained shape autoencoder",
         description="Encode every shape of SRC (written by `shards shapes` or `shards synthetic shape`) to its latent "
@@ -47,6 +58,16 @@ def parse(argv: list[str]) -> argparse.Namespace:
     syn.add_argument("--seed", type=int, default=0)
     syn.add_argument("--size", type=int, default=None, help="image / video frame side in pixels (default: the kind's own)")
     return ap.parse_args(argv)
+
+
+def mesh_scale(text: str) -> float | None:
+    """``--scale``: "fit" (None) or a positive number."""
+    if text == "fit":
+        return None
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'fit' or a number, got {text!r}") from None
 
 
 FOLDER_RULES = ("With class sub-folders, class ids are the sorted folder names (OUT/classes.json); otherwise samples "
@@ -169,10 +190,14 @@ def main(argv: list[str]) -> int:
         paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
                                    captions=args.captions, holdout=args.holdout)
     elif args.source == "shapes":
-        from datamodules.shapes import write_mesh_folder
+        from datamodules.ingest_mesh import MeshOptions, write_mesh_folder
 
-        paths = write_mesh_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                                  points=args.points, queries=args.queries)
+        options = MeshOptions(points=args.points, queries=args.queries, up=args.up_axis, scale=args.scale,
+                              units=args.units, min_inside=args.min_inside)
+        report = write_mesh_folder(args.src, args.out, options, shard_size=args.shard_size, prefix=args.prefix,
+                                   workers=args.workers)
+        print(report.summary())
+        paths = report.paths
     elif args.source in ("videos", "audiovideo"):
         paths = write_clips(args)
     elif args.source == "encode":

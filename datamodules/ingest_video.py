@@ -35,6 +35,7 @@ from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
+from datamodules.parallel import check_workers, ordered_map
 from datamodules.sources import SHOWN_PATHS, MediaFile, Report, Skipped, find_sources, plural, split_folders
 from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, VideoClips, read_clips
 from datamodules.writers import SplitWriter, labelled
@@ -77,20 +78,13 @@ def read_one(task: tuple[int, str, ClipOptions]) -> tuple[int, VideoClips | None
         return index, None, "unreadable", str(exn).strip() or type(exn).__name__
 
 
-def init_worker() -> None:
-    import torch  # as DataLoader workers do: one thread each, and no OpenMP pool inherited across fork
-
-    torch.set_num_threads(1)
-
-
 def write_video_clips(
     src: str, out: str, options: ClipOptions, captions: str | None = None, holdout: float = 0.0, workers: int = 1,
     shard_size: int = 100, prefix: str = "video", progress: bool = True,
 ) -> ClipReport:
     """Cut every video of ``src`` into clips and write them as shards to ``out`` (see the module docstring)."""
     folders = split_folders(out, holdout)
-    if workers < 1:
-        raise ValueError(f"--workers: expected >= 1, got {workers}")
+    check_workers(workers)
     classes, videos = find_sources(src, VIDEO_EXTENSIONS, "videos", captions)
     for folder in folders.values():
         if any(folder.glob(f"{prefix}-*.tar")):
@@ -102,35 +96,26 @@ def write_video_clips(
     report = ClipReport(files=len(videos), written={split: 0 for split in writer.writers},
                         max_frames_read=options.max_frames_read)
     started = time.perf_counter()
-    pool = None
     try:
-        if workers > 1:
-            import multiprocessing
-
-            pool = multiprocessing.Pool(min(workers, len(tasks)), initializer=init_worker)
-            results = pool.imap(read_one, tasks, chunksize=1)  # in task order, whatever finishes first
-        else:
-            results = map(read_one, tasks)
-        bar = tqdm(results, total=len(tasks), desc=f"shards {src}", unit="video", disable=not progress)
-        for index, result, reason, detail in bar:
-            video = videos[index]
-            if result is None:
-                report.skip(video, reason, detail)
-                continue
-            split = writer.split(video)
-            for clip in result.clips:
-                writer.write(split, clip_sample(video, clip, options, classes))
-            report.written[split] += len(result.clips)
-            report.used += bool(result.clips)
-            report.static += result.static
-            report.silent += result.silent
-            if result.cut:
-                log.warning("%s: cut short at --max-frames-read=%d frames read", video.path, options.max_frames_read)
-                report.cut.append(video.name)
-            bar.set_postfix(clips=sum(report.written.values()))
+        with ordered_map(read_one, tasks, workers) as results:
+            bar = tqdm(results, total=len(tasks), desc=f"shards {src}", unit="video", disable=not progress)
+            for index, result, reason, detail in bar:
+                video = videos[index]
+                if result is None:
+                    report.skip(video, reason, detail)
+                    continue
+                split = writer.split(video)
+                for clip in result.clips:
+                    writer.write(split, clip_sample(video, clip, options, classes))
+                report.written[split] += len(result.clips)
+                report.used += bool(result.clips)
+                report.static += result.static
+                report.silent += result.silent
+                if result.cut:
+                    log.warning("%s: cut short at --max-frames-read=%d frames read", video.path, options.max_frames_read)
+                    report.cut.append(video.name)
+                bar.set_postfix(clips=sum(report.written.values()))
     finally:
-        if pool is not None:
-            pool.terminate()
         report.paths = writer.close()
     report.seconds = time.perf_counter() - started
     if not report.paths:

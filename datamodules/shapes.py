@@ -1,4 +1,6 @@
-"""3D shape data: procedural solids, mesh folders -> shards, and the transforms that read them.
+"""3D shape data: procedural solids as shape samples, and the transforms that read shape samples.
+
+Mesh folders -> the same samples: datamodules/ingest_mesh.py.
 
 A shape sample holds a surface point cloud, occupancy queries with inside labels, and the usual
 conditioning:
@@ -13,31 +15,20 @@ sigma 0.01 or 0.05): uniform queries teach the coarse volume, near ones the exac
 to 20 degrees), so captions such as "tall" keep their meaning.
 
 Solids (datamodules/solids.py) are exact signed distance functions, so inside tests and surface
-distances are analytic. Legend: N surface points, M queries, V vertices,
-F triangles.
+distances are analytic. Legend: N surface points, M queries.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import random
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from datamodules.decoders import BadSample
-from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
-from datamodules.sources import SHOWN_PATHS, class_folders
 from datamodules.solids import SOLIDS, caption, inside, sdf, solid_of, surface, volume  # noqa: F401 (re-exported)
 from datamodules.transforms import SampleTransform
-from datamodules.writers import ShardWriter, write_classes
-
-log = logging.getLogger("duoflow.data")
 
 BOUND = 0.9
 """Every shape lies inside the ball of this radius (so inside the cube [-1, 1]^3 with a margin)."""
@@ -117,105 +108,6 @@ def synthetic_shapes(
             f"{i:08d}", on_surface[:points], q, inside(solid, params, q),
             cls=label, txt=caption(solid, params), json=params,
         )
-
-
-# ---------------------------------------------------------------- meshes
-
-
-def winding_number(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray, budget: int = 2_000_000) -> np.ndarray:
-    """Generalised winding number (M,) of a triangle mesh at points (M, 3) (Jacobson et al. 2013).
-
-    The sum of the solid angles of all triangles seen from each point over 4 pi: about +-1 inside a
-    closed mesh, 0 outside, and a graceful in-between for meshes with holes or self-intersections,
-    where ray parity flips. Chunked over points so that chunk x F stays within ``budget``.
-    """
-    tri = np.asarray(vertices, np.float64)[faces]  # (F, 3, 3)
-    out = np.empty(len(points))
-    step = max(1, budget // max(1, len(faces)))
-    for s in range(0, len(points), step):
-        p = np.asarray(points[s : s + step], np.float64)
-        a, b, c = (tri[None, :, k] - p[:, None] for k in range(3))  # (m, F, 3) each
-        la, lb, lc = (np.linalg.norm(v, axis=2) for v in (a, b, c))
-        det = np.einsum("mfi,mfi->mf", a, np.cross(b, c))
-        dot = lambda u, v: np.einsum("mfi,mfi->mf", u, v)  # noqa: E731
-        denom = la * lb * lc + dot(a, b) * lc + dot(b, c) * la + dot(c, a) * lb
-        out[s : s + step] = np.arctan2(det, denom).sum(axis=1) / (2 * np.pi)  # solid angle = 2 atan2(...)
-    return out
-
-
-def normalise_mesh(vertices: np.ndarray) -> tuple[np.ndarray, np.ndarray, float]:
-    """(vertices in the ball of radius BOUND, centre, scale): bounding-box centre to 0, farthest vertex to BOUND."""
-    centre = (vertices.min(axis=0) + vertices.max(axis=0)) / 2
-    radius = float(np.linalg.norm(vertices - centre, axis=1).max())
-    if not np.isfinite(radius) or radius <= 0:
-        raise ValueError("degenerate mesh: all vertices coincide or are not finite")
-    scale = BOUND / radius
-    return (vertices - centre) * scale, centre, scale
-
-
-def mesh_sample(vertices: np.ndarray, faces: np.ndarray, points: int, queries: int, rng: np.random.Generator) -> tuple:
-    """(points (N, 3), queries (M, 3), occ (M,), centre, scale) of one mesh, normalised to [-1, 1]^3."""
-    v, centre, scale = normalise_mesh(vertices)
-    on_surface = sample_mesh_surface(v, faces, points + queries - queries // 2, rng)
-    q = np.concatenate([rng.uniform(-1, 1, (queries // 2, 3)), near_surface_queries(on_surface[points:], rng)])
-    occ = np.abs(winding_number(v, faces, q)) > 0.5  # either orientation
-    return on_surface[:points], q, occ, centre, scale
-
-
-def find_meshes(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
-    """(class names, [(label or -1, path)]): class sub-folders when there are any, else the folder itself."""
-    is_mesh = lambda p: (p.is_file() or p.is_symlink()) and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
-    classes = class_folders(root)  # a link back to root is no class (a symlink loop)
-    files = [(-1, p) for p in sorted(root.iterdir()) if is_mesh(p)]
-    files += [(label, p) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*")) if is_mesh(p)]
-    return classes, files
-
-
-def write_mesh_folder(
-    src: str, out: str, shard_size: int = 1000, prefix: str = "shape", points: int = 2048, queries: int = 2048,
-    progress: bool = True,
-) -> list[str]:
-    """Shard a folder of PLY/OBJ/OFF meshes into shape samples (same format as ``synthetic_shapes``).
-
-    Layout: ``src/<class>/<name>.{ply,obj,off}`` (class ids = sorted sub-folder names, written to
-    classes.json) and/or meshes directly in ``src`` (no ``cls``); a same-name ``.txt`` is the caption.
-    Each mesh is centred and scaled into the ball of radius BOUND (``json`` keeps centre and scale);
-    occupancy comes from the generalised winding number, so holes and flipped faces are tolerated.
-    Unreadable meshes are logged with their path and skipped; returns the shard paths.
-    """
-    root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"mesh folder {src!r} does not exist; expected a directory of .ply/.obj/.off files")
-    classes, files = find_meshes(root)
-    if not files:
-        raise ValueError(f"mesh folder {src!r} holds no meshes; expected {src}/[<class>/]<name>.{{ply,obj,off}}")
-    random.Random(0).shuffle(files)
-    if classes:
-        write_classes(out, classes)
-    skipped: list[str] = []
-    with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
-        for i, (label, path) in enumerate(tqdm(files, desc=f"shards {src}", unit="mesh", disable=not progress)):
-            try:
-                vertices, faces = read_mesh(path)
-                pts, q, occ, centre, scale = mesh_sample(vertices, faces, points, queries, np.random.default_rng(i))
-            except Exception as exn:  # noqa: BLE001 - whatever a broken file raises means "unreadable", named and counted
-                skipped.append(path.relative_to(root).as_posix())
-                log.warning("skipped mesh %s: %s", path, exn)
-                continue
-            meta = {"path": str(path.relative_to(root)), "centre": centre.tolist(), "scale": scale}
-            extra: dict[str, Any] = {"json": meta}
-            if label >= 0:
-                extra["cls"], meta["class"] = label, classes[label]
-            caption_path = path.with_suffix(".txt")
-            if caption_path.is_file():
-                extra["txt"] = caption_path.read_text(encoding="utf-8").strip()
-            writer.write(occupancy_sample(f"{i:08d}", pts, q, occ, **extra))
-    names = ", ".join(sorted(skipped)[:SHOWN_PATHS]) + (", ..." if len(skipped) > SHOWN_PATHS else "")
-    if len(skipped) == len(files):
-        raise ValueError(f"mesh folder {src!r}: none of the {len(skipped)} meshes could be read ({names})")
-    if skipped:
-        log.warning("write_mesh_folder: skipped %d of %d meshes in %s: %s", len(skipped), len(files), src, names)
-    return writer.paths
 
 
 # ---------------------------------------------------------------- transforms

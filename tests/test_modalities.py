@@ -198,6 +198,33 @@ def test_video_evaluator_frame_fd_and_checker(synthetic_shards) -> None:
     perfect = evaluator.scores(evaluator.as_generated(real), real["cls"], reference)
     assert abs(perfect["frame_fd"]) < 1e-6
     assert perfect["shape_accuracy"] == perfect["real_shape_accuracy"] >= 0.9
+    assert perfect["cas"] == perfect["real_acc"] >= 0.5  # chance is 0.25
     noise = [torch.rand_like(c) * 2 - 1 for c in real["x"]]
     worst = evaluator.scores(noise, real["cls"], reference)
     assert worst["frame_fd"] > 1.0 and worst["valid_frames"] == 0.0
+
+
+def test_video_evaluator_on_other_clips_has_no_shape_checker(synthetic_shards, tmp_path) -> None:
+    """Clips that are not the procedural bouncing shapes (classes.json names other classes: real footage)
+    are scored by the frame feature net alone (frame_fd, cas, real_acc): the shape checker would read
+    nonsense from them."""
+    import json
+    import shutil
+
+    from app.evaluation.modalities import VideoEvaluator
+    from datamodules.shards import read_samples
+    from models.generators import VideoFlow
+    from models.tokenizers.video import VideoPatches
+
+    src = synthetic_shards("video")
+    for f in src.glob("*.tar"):
+        shutil.copy(f, tmp_path / f.name)
+    (tmp_path / "classes.json").write_text(json.dumps(["street", "car", "desk", "park"]))
+    shards = str(tmp_path / "*.tar")
+    model = VideoFlow(tokenizer=VideoPatches(size=16, frames=8, patch=2, tpatch=2), conditioning=ClassLabel(4),
+                      backbone=MMDiTConfig(dim=32, heads=2, depth_dual=1, depth_single=1, rope_axes=3))
+    evaluator = VideoEvaluator(model, shards, progress=False, feature_steps=30)
+    real = read_samples(shards, evaluator.transform(), 24)
+    scores = evaluator.scores(evaluator.as_generated(real), real["cls"], evaluator.reference(real))
+    assert set(scores) == {"frame_fd", "cas", "real_acc"}
+    assert scores["cas"] == scores["real_acc"]

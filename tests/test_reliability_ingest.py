@@ -14,7 +14,6 @@ import zlib
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from app.__main__ import main
@@ -106,8 +105,10 @@ def test_ingesters_skip_count_and_name_malformed_files(command: str, tmp_path: P
         assert "1 too large (bomb.png)" in summary and "5 unreadable" in summary
     if cut_short:
         assert "1 video cut short at --max-frames-read=1000 (many.gif)" in summary
-    written = [json.loads(t.extractfile(m).read())["path"] for shard in out.glob("*.tar")
-               for t in [tarfile.open(shard)] for m in t.getmembers() if m.name.endswith(".json")]
+    written = []
+    for shard in out.glob("*.tar"):
+        with tarfile.open(shard) as tar:
+            written += [json.loads(tar.extractfile(m).read())["path"] for m in tar.getmembers() if m.name.endswith(".json")]
     assert {f"good.{ext}", f"{UNICODE}.{ext}"} <= {Path(p).name for p in written}, written
 
 

@@ -17,6 +17,7 @@ from app.__main__ import main
 from app.evaluation.checkers.shape import chamfer, coverage_mmd, shape_class_accuracy
 from app.shape_latents import encode_shape_shards
 from datamodules.decoders import BadSample, decode_sample
+from datamodules.ingest_mesh import MeshOptions, write_mesh_folder
 from datamodules.media.mesh import (
     grid_coords,
     grid_to_mesh,
@@ -26,6 +27,7 @@ from datamodules.media.mesh import (
     save_meshes,
     write_ply,
 )
+from datamodules.occupancy import winding_number
 from datamodules.shapes import (
     SOLIDS,
     LatentTransform,
@@ -36,8 +38,6 @@ from datamodules.shapes import (
     surface,
     synthetic_shapes,
     volume,
-    winding_number,
-    write_mesh_folder,
 )
 from datamodules.synthetic import write_synthetic
 from datamodules.transforms import collate
@@ -172,11 +172,11 @@ def test_winding_number_inside_a_cube() -> None:
 def test_mesh_folder_round_trip(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     write_cube_files(tmp_path / "meshes")
     with caplog.at_level(logging.WARNING, logger="duoflow.data"):
-        paths = write_mesh_folder(str(tmp_path / "meshes"), str(tmp_path / "shards"), shard_size=2, points=500,
-                                  queries=600, progress=False)
+        report = write_mesh_folder(str(tmp_path / "meshes"), str(tmp_path / "shards"), MeshOptions(points=500, queries=600),
+                                   shard_size=2, progress=False)
     assert "broken.ply" in caplog.text  # reported with its path, then skipped
     assert json.loads((tmp_path / "shards" / "classes.json").read_text()) == ["boxes", "dice"]
-    samples = read_tar_samples(paths)
+    samples = read_tar_samples(report.paths)
     assert len(samples) == 3
     half = 0.9 / np.sqrt(3)  # the cube is scaled so that its corners lie on the sphere of radius 0.9
     for s in samples:

@@ -151,14 +151,21 @@ class CheckerEvaluator(Evaluator):
         return {**self.checked(generated, labels), **reference}
 
 
+def class_names_of(train_shards: str | list[str]) -> list[str] | None:
+    """The class names in classes.json next to the training shards (written by `duoflow shards`), or None."""
+    names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
+    return list(json.loads(names.read_text())) if names.is_file() else None
+
+
 def num_classes_of(train_shards: str | list[str], model: Any) -> int:
     """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
-    names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
-    if names.is_file():
-        return len(json.loads(names.read_text()))
+    names = class_names_of(train_shards)
+    if names is not None:
+        return len(names)
     n = model.cond.num_classes
     if n is None:
-        raise UserError(f"{names}: not found, and the model is not class-conditional; the feature net "
+        where = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
+        raise UserError(f"{where}: not found, and the model is not class-conditional; the feature net "
                         "needs the class names of the training shards (written by `duoflow shards`)")
     return int(n)
 

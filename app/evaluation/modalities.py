@@ -17,15 +17,16 @@ from app.evaluation.checkers.audiovideo import sync_scores
 from app.evaluation.checkers.image import caption_scores, parse_caption
 from app.evaluation.checkers.shape import coverage_mmd_from, pairwise_chamfer, shape_class_accuracy
 from app.evaluation.checkers.video import video_scores
-from app.evaluation.evaluators import CheckerEvaluator, Evaluator, FeatureEvaluator, known_labels
+from app.evaluation.evaluators import CheckerEvaluator, Evaluator, FeatureEvaluator, class_names_of, known_labels
 from app.evaluation.feature_net import as_frames
-from app.evaluation.metrics import frechet_from_features
+from app.evaluation.metrics import accuracy, frechet_from_features
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
 from datamodules.media.image import to_uint8_images
 from datamodules.media.mesh import grid_to_mesh, sample_mesh_surface
 from datamodules.shapes import SurfacePoints
 from datamodules.shards import read_samples
+from datamodules.synthetic import SHAPES
 from datamodules.transforms import ImageTransform, SampleTransform
 from datamodules.video import VideoTransform
 from models.generators import AudioFlow, AudioVideoFlow, ImageFlow, ShapeFlow, VideoFlow
@@ -93,17 +94,21 @@ class ImageEvaluator(FeatureEvaluator):
 
 
 class VideoEvaluator(CheckerEvaluator):
-    """Bouncing-shape clips (synthetic_videos): the procedural checker reads shape, motion and frame
-    validity back from every clip (app/evaluation/checkers/video.py); nothing is trained. The held-out clips
-    scored the same way give the `real_` ceiling."""
+    """Clips: a frame feature net trained on the training clips' frames gives the per-frame Fréchet distance and
+    the clip's class (its frames' mean logits: `cas`, with the held-out clips' `real_acc` as the ceiling) for any
+    video. On the bouncing-shape clips (synthetic_videos: the training classes are the procedural shapes) the
+    procedural checker also reads shape, motion and frame validity back from every clip
+    (app/evaluation/checkers/video.py); the held-out clips scored the same way give the `real_` ceiling."""
 
     labelled, ceiling = ("shape_accuracy",), ("shape_accuracy", "temporal_consistency")
 
     descriptions = {
         "frame_fd": "per-frame Fréchet distance in a feature net trained on the training clips' frames (lower is better)",
-        "shape_accuracy": "checker's majority shape over the clip equals the class it was generated for",
-        "temporal_consistency": "frame pairs where one rigid shape moves on as the synthetic physics would",
-        "valid_frames": "frames showing one object of plausible size (noise and flat colour fail)",
+        "cas": "clips whose frames the feature net assigns (mean logits) to the class they were generated for",
+        "real_acc": "the same for the real held-out clips (the ceiling of cas)",
+        "shape_accuracy": "bouncing shapes: checker's majority shape over the clip equals the class it was generated for",
+        "temporal_consistency": "bouncing shapes: frame pairs where one rigid shape moves on as the synthetic physics would",
+        "valid_frames": "bouncing shapes: frames showing one object of plausible size (noise and flat colour fail)",
         "real_shape_accuracy": "shape_accuracy of the real held-out clips (the ceiling)",
         "real_temporal_consistency": "temporal_consistency of the real held-out clips",
     }
@@ -114,20 +119,34 @@ class VideoEvaluator(CheckerEvaluator):
     def __init__(self, *args: Any, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.net = self.train_feature_net(self.transform())
+        self.procedural = class_names_of(self.train_shards) == list(SHAPES)
 
-    def frame_features(self, clips: Any) -> Tensor:
-        frames, _ = as_frames([c.float().clamp(-1.0, 1.0) for c in clips], torch.zeros(len(clips), dtype=torch.long))
-        return self.net.embed(frames.to(self.device))[0]
+    def clip_features(self, clips: Any) -> tuple[Tensor, Tensor]:
+        """(features of every frame (sum T, D), class logits of every clip (N, K): its frames' mean)."""
+        clips = [c.float().clamp(-1.0, 1.0) for c in clips]
+        frames, _ = as_frames(clips, torch.zeros(len(clips), dtype=torch.long))
+        features, logits = self.net.embed(frames.to(self.device))
+        per_clip = logits.split([c.shape[1] for c in clips])
+        return features, torch.stack([frame_logits.mean(0) for frame_logits in per_clip])
 
     def check(self, clips: Any, labels: list[int]) -> dict[str, float]:
+        if not self.procedural:
+            return {}
         return video_scores([to_uint8_images(c.transpose(0, 1)) for c in clips], labels)  # each (T, H, W, 3)
 
     def reference(self, held_out: dict[str, Any]) -> dict[str, Any]:
-        return {"scores": super().reference(held_out), "features": self.frame_features(self.as_generated(held_out))}
+        features, logits = self.clip_features(self.as_generated(held_out))
+        return {"scores": super().reference(held_out), "features": features, "logits": logits,
+                "labels": known_labels(held_out)}
 
     def scores(self, generated: Any, labels: Tensor | None, reference: dict[str, Any]) -> dict[str, float]:
-        fd = frechet_from_features(reference["features"], self.frame_features(generated))
-        return {"frame_fd": fd, **super().scores(generated, labels, reference["scores"])}
+        features, logits = self.clip_features(generated)
+        out = {"frame_fd": frechet_from_features(reference["features"], features)}
+        if labels is not None:
+            out["cas"] = accuracy(logits, labels)
+        if reference["labels"] is not None:
+            out["real_acc"] = accuracy(reference["logits"], reference["labels"])
+        return {**out, **super().scores(generated, labels, reference["scores"])}
 
 
 class AudioEvaluator(CheckerEvaluator):
