@@ -78,6 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         print(HELP)
         return 0
     from app.errors import UserError
+    from callbacks.checkpoint import CHECKPOINT_NOT_SAVED_EXIT, CheckpointNotSaved
     from callbacks.guards import TrainingDiverged
     from datamodules.shards import TooManyBadSamples
 
@@ -102,6 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     except TrainingDiverged as e:  # checkpoints are written; the run failed, so say so in the exit code
         print(f"error: {e}", file=sys.stderr)
         return 3
+    except CheckpointNotSaved as e:  # the run's newest steps are not on disk: a failure, said in the exit code
+        print(f"error: {e}", file=sys.stderr)
+        return CHECKPOINT_NOT_SAVED_EXIT
     except Exception as e:  # a rank vanished mid-step: callbacks/ranks.py has logged the one line naming it
         from callbacks.ranks import RANK_VANISHED_EXIT, vanished_line
 

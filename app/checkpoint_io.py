@@ -1,6 +1,8 @@
 """Checkpoints that are never half-written: temporary file, fsync, atomic rename.
 
-A process killed while saving leaves the previous checkpoint intact and loadable."""
+A process killed while saving leaves the previous checkpoint intact and loadable; a save that fails (a full
+disk, a file-size limit) removes its temporary file and raises the OSError itself, whose errno says why (torch
+reports a failed write as a RuntimeError of its own; callbacks/checkpoint.py decides what a run does then)."""
 
 from __future__ import annotations
 
@@ -31,11 +33,24 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
             os.fsync(dir_fd)  # make the rename itself durable
         finally:
             os.close(dir_fd)
-    except BaseException:
+    except BaseException as exn:
         if os.path.exists(tmp):
             os.unlink(tmp)
+        cause = write_error(exn)
+        if cause is not None and cause is not exn:
+            raise OSError(cause.errno, cause.strerror, str(path)) from exn
         raise
     remove_stale_temporaries(path)
+
+
+def write_error(exn: BaseException) -> OSError | None:
+    """The OSError behind a failed save: `exn` itself, or the one torch's writer met (its RuntimeError's context)."""
+    seen: BaseException | None = exn
+    while seen is not None:
+        if isinstance(seen, OSError) and seen.errno is not None:
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
 
 
 def remove_stale_temporaries(path: Path) -> list[Path]:

@@ -175,6 +175,9 @@ def add_clip_parsers(sub: argparse._SubParsersAction) -> None:
                        help="skip clips whose mean absolute frame difference (0-255 levels) is below this (default off)")
         if sound:
             p.add_argument("--sample-rate", type=int, default=16000, help="soundtrack rate in Hz (default 16000)")
+        p.add_argument("--max-frames-read", type=int, default=100_000,
+                       help="source frames decoded per video at most; a longer one gives the clips of its first frames "
+                            "and is named as cut short (default 100000)")
         p.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
         p.add_argument("--shard-size", type=int, default=100, help="clips per shard (default 100; npy clips are large)")
         p.add_argument("--prefix", default=name.rstrip("s"), help=f"shard file name prefix (default {name.rstrip('s')})")
@@ -186,7 +189,7 @@ def write_clips(args: argparse.Namespace) -> list[str]:
 
     options = ClipOptions(frames=args.frames, fps=args.fps, stride=args.stride, max_clips=args.max_clips, size=args.size,
                           keep_aspect=args.keep_aspect, multiple=args.multiple, min_motion=args.min_motion,
-                          sample_rate=getattr(args, "sample_rate", None))
+                          sample_rate=getattr(args, "sample_rate", None), max_frames_read=args.max_frames_read)
     report = write_video_clips(args.src, args.out, options, captions=args.captions, holdout=args.holdout,
                                workers=args.workers, shard_size=args.shard_size, prefix=args.prefix)
     print(report.summary())

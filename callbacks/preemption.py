@@ -34,6 +34,8 @@ import lightning as L
 from lightning.fabric.plugins.environments import SLURMEnvironment
 from lightning.pytorch.callbacks import ModelCheckpoint
 
+from callbacks.checkpoint import CheckpointNotSaved, failed_save, save_together
+
 log = logging.getLogger("duoflow.preemption")
 
 
@@ -150,7 +152,11 @@ class Preemption(L.Callback):
                   if isinstance(cb, ModelCheckpoint) and cb.dirpath and Path(cb.dirpath) == Path(path).parent]
         for cb in owners:  # saved in the checkpoint: the resumed run keeps writing last.ckpt, not last-v1.ckpt
             cb.last_model_path = path
-        trainer.save_checkpoint(path)  # all ranks: sharded strategies gather or write their shards
+        # all ranks: sharded strategies gather or write their shards; a failure for lack of room stops every rank
+        error = save_together(trainer, lambda: trainer.save_checkpoint(path))
+        if error is not None:  # nothing to requeue from: stop, and say so in the exit code
+            raise CheckpointNotSaved(f"{failed_save(error, Path(path).parent)}; the preemption save at step "
+                                     f"{trainer.global_step} failed, the job is not requeued") from error
         self.stopped_at = trainer.global_step
         for cb in owners:  # and no second save of this step when training ends
             cb._last_global_step_saved = trainer.global_step

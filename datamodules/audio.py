@@ -25,6 +25,7 @@ import torchaudio.functional as AF
 from datamodules.audio_clips import AudioClipOptions, read_audio_clips
 from datamodules.decoders import BadSample, decode_audio
 from datamodules.media.spec import MediaSpec
+from datamodules.sources import Skipped
 from datamodules.transforms import SampleTransform
 from datamodules.writers import write_media_folder
 
@@ -181,7 +182,21 @@ def read_audio(path: Path) -> dict:
         raise ValueError(f"not WAV/FLAC audio: {exn.error_string}") from exn
     if not len(audio):
         raise ValueError("no samples")
+    missing = wav_shortfall(data) if path.suffix.lower() == ".wav" else 0
+    if missing:  # libsndfile reads what is there and says nothing: a cut-off copy would pass as a short recording
+        raise Skipped("truncated", f"{missing} bytes of samples missing at the end (the header promises more)")
     return {path.suffix[1:].lower(): data, "json": {"sample_rate": sample_rate, "seconds": round(len(audio) / sample_rate, 4)}}
+
+
+def wav_shortfall(data: bytes) -> int:
+    """How many bytes of its data chunk a RIFF/WAVE file lacks (0: whole, or not a RIFF layout this reads)."""
+    offset = 12
+    while data[:4] == b"RIFF" and offset + 8 <= len(data):
+        kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if kind == b"data":
+            return max(0, offset + 8 + size - len(data)) if size != 0xFFFFFFFF else 0  # 0xFFFFFFFF: a streamed WAV
+        offset += 8 + size + size % 2
+    return 0
 
 
 def write_audio_folder(

@@ -43,7 +43,11 @@ class BadSample(Exception):
 
 def decode_image(data: bytes) -> np.ndarray:
     """PNG/JPEG/WebP bytes -> (H, W, 3) uint8 RGB, refusing more than MAX_IMAGE_PIXELS."""
-    with Image.open(io.BytesIO(data), formats=_PIL_FORMATS) as image:  # reads the header only
+    try:
+        opened = Image.open(io.BytesIO(data), formats=_PIL_FORMATS)  # reads the header only
+    except Image.DecompressionBombError as exn:  # PIL's own guard (twice its MAX_IMAGE_PIXELS): the same refusal
+        raise BadSample(f"image exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS} ({exn})") from exn
+    with opened as image:
         width, height = image.size
         if width * height > MAX_IMAGE_PIXELS:
             raise BadSample(f"{width}x{height} image exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")

@@ -42,7 +42,7 @@ from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.occupancy import inside_mesh
 from datamodules.parallel import check_workers, ordered_map
 from datamodules.shapes import BOUND, near_surface_queries, occupancy_sample
-from datamodules.sources import MediaFile, Report, Skipped, plural
+from datamodules.sources import MediaFile, Report, Skipped, class_folders, plural
 from datamodules.writers import ShardWriter, write_classes
 
 log = logging.getLogger("duoflow.data")
@@ -153,8 +153,8 @@ class MeshReport(Report):
 
 def find_meshes(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
     """(class names, [(label or -1, path)]): class sub-folders when there are any, else the folder itself."""
-    is_mesh = lambda p: p.is_file() and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    is_mesh = lambda p: (p.is_file() or p.is_symlink()) and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
+    classes = class_folders(root)  # a link back to root is no class folder (a symlink loop)
     files = [(-1, p) for p in sorted(root.iterdir()) if is_mesh(p)]
     files += [(label, p) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*")) if is_mesh(p)]
     return classes, files

@@ -28,16 +28,19 @@ corrupt), too short for one clip, without an audio stream (audio-video).
 
 from __future__ import annotations
 
+import logging
 import random
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from tqdm import tqdm
 
 from datamodules.parallel import check_workers, ordered_map
-from datamodules.sources import MediaFile, Report, Skipped, find_sources, plural, split_folders
+from datamodules.sources import SHOWN_PATHS, MediaFile, Report, Skipped, find_sources, plural, split_folders
 from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, VideoClips, read_clips
 from datamodules.writers import SplitWriter, labelled
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -48,9 +51,15 @@ class ClipReport(Report):
     source: str = "video"
     static: int = 0
     silent: int = 0
+    cut: list[str] = field(default_factory=list)
+    """Videos cut short at max_frames_read (paths relative to SRC)."""
+    max_frames_read: int = 0
 
     def summary(self) -> str:
         line = super().summary()
+        if self.cut:
+            names = ", ".join(sorted(self.cut)[:SHOWN_PATHS]) + (", ..." if len(self.cut) > SHOWN_PATHS else "")
+            line += f"; {plural(len(self.cut), 'video')} cut short at --max-frames-read={self.max_frames_read} ({names})"
         if self.static:
             line += f"; {plural(self.static, 'clip')} below --min-motion"
         if self.silent:
@@ -84,7 +93,8 @@ def write_video_clips(
     order = list(videos)
     random.Random(0).shuffle(order)
     tasks = [(video.index, str(video.path), options) for video in order]
-    report = ClipReport(files=len(videos), written={split: 0 for split in writer.writers})
+    report = ClipReport(files=len(videos), written={split: 0 for split in writer.writers},
+                        max_frames_read=options.max_frames_read)
     started = time.perf_counter()
     try:
         with ordered_map(read_one, tasks, workers) as results:
@@ -101,6 +111,9 @@ def write_video_clips(
                 report.used += bool(result.clips)
                 report.static += result.static
                 report.silent += result.silent
+                if result.cut:
+                    log.warning("%s: cut short at --max-frames-read=%d frames read", video.path, options.max_frames_read)
+                    report.cut.append(video.name)
                 bar.set_postfix(clips=sum(report.written.values()))
     finally:
         report.paths = writer.close()

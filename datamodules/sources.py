@@ -17,6 +17,8 @@ other, and every sample cut from one file lands in one split. Without it, shards
 
 Files that cannot be used are skipped, counted and named: a warning each with the path, and the
 ``Report`` summary line at the end, so that a broken file is found at shard time, not in training.
+A link with a media extension that leads nowhere (broken, or a loop) is such a file; a folder link
+back to SRC or above it (a symlink loop) is no class folder, and is named in a warning.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ import csv
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -103,16 +106,30 @@ def list_media(src: str, extensions: tuple[str, ...], noun: str) -> tuple[list[s
     if not root.is_dir():
         raise FileNotFoundError(f"folder {src!r} does not exist; expected a directory of {noun} or of class sub-folders")
 
-    def is_media(path: Path) -> bool:
-        return path.is_file() and not path.name.startswith(".") and path.suffix[1:].lower() in extensions
+    def is_media(path: Path) -> bool:  # a link leading nowhere is kept: reading it names it as unreadable
+        return (path.is_file() or path.is_symlink()) and not path.name.startswith(".") and path.suffix[1:].lower() in extensions
 
-    classes = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
+    classes = class_folders(root)
     found = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir()) if is_media(path)]
     if not classes:
         found = [(None, path) for path in sorted(root.iterdir()) if is_media(path)]
     if not found:
         raise ValueError(f"folder {src!r} holds no {noun}; expected {src}/[<class>/]<name>.{{{','.join(extensions)}}}")
     return classes, [MediaFile(i, path, path.relative_to(root).as_posix(), label) for i, (label, path) in enumerate(found)]
+
+
+def class_folders(root: Path) -> list[str]:
+    """The sorted names of the sub-folders of ``root``, without hidden ones and links back to ``root`` or above."""
+    return sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith(".") and not linked_back(d, root))
+
+
+def linked_back(folder: Path, root: Path) -> bool:
+    """Whether ``folder`` is a link to ``root`` or one of its parents (a symlink loop); named in a warning if so."""
+    target, base = Path(os.path.realpath(folder)), Path(os.path.realpath(root))
+    if not folder.is_symlink() or not (target == base or target in base.parents):
+        return False
+    log.warning("skipping %s: a symlink loop (it links back to %s)", folder, target)
+    return True
 
 
 def read_manifest(path: str) -> dict[str, dict]:
@@ -163,8 +180,8 @@ def sidecar_caption(path: Path) -> str | None:
 
 def label_and_caption(root: Path, classes: list[str], files: list[MediaFile], manifest: dict[str, dict]) -> list[str]:
     """Fill each file's caption (and, from a manifest, its class); returns the class names."""
-    absolute = {str((root / f.name).resolve()): f.name for f in files}
-    rows = {absolute.get(str(Path(name).resolve()), name) if Path(name).is_absolute() else name: row
+    absolute = {os.path.realpath(root / f.name): f.name for f in files}  # realpath: a symlink loop does not raise
+    rows = {absolute.get(os.path.realpath(name), name) if Path(name).is_absolute() else name: row
             for name, row in manifest.items()}
     unmatched = sorted(set(rows) - {f.name for f in files})
     if unmatched:

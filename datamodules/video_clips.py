@@ -67,6 +67,9 @@ class ClipOptions:
     """Skip clips whose mean absolute difference between consecutive frames (0-255 levels) is below this."""
     sample_rate: int | None = None
     """Audio-video: the soundtrack's rate in Hz; None: video only."""
+    max_frames_read: int = 100_000
+    """Source frames decoded per video at most (about 55 min at 30 fps): a longer video gives the clips of its first
+    frames and is named as cut short, so that a GIF of tens of thousands of frames is not read to its end."""
 
     def __post_init__(self) -> None:
         checks = {
@@ -74,10 +77,11 @@ class ClipOptions:
             "stride": self.stride is None or self.stride > 0, "max_clips": self.max_clips is None or self.max_clips >= 1,
             "size": self.size >= 1, "multiple": self.multiple >= 1,
             "min_motion": self.min_motion is None or self.min_motion >= 0,
-            "sample_rate": self.sample_rate is None or self.sample_rate >= 1,
+            "sample_rate": self.sample_rate is None or self.sample_rate >= 1, "max_frames_read": self.max_frames_read >= 1,
         }
         wanted = {"frames": f"1 to {MAX_VIDEO_FRAMES}", "fps": "> 0", "stride": "> 0 seconds", "max_clips": ">= 1",
-                  "size": ">= 1", "multiple": ">= 1", "min_motion": ">= 0", "sample_rate": ">= 1 Hz"}
+                  "size": ">= 1", "multiple": ">= 1", "min_motion": ">= 0", "sample_rate": ">= 1 Hz",
+                  "max_frames_read": ">= 1"}
         for name, ok in checks.items():
             if not ok:
                 raise ValueError(f"--{name.replace('_', '-')}: expected {wanted[name]}, got {getattr(self, name)}")
@@ -123,6 +127,8 @@ class VideoClips:
     """Clips skipped as below min_motion."""
     silent: int = 0
     """Clips skipped because the soundtrack ends more than one frame before the clip does."""
+    cut: bool = False
+    """Decoding stopped at max_frames_read: the clips are those of the video's first frames."""
 
 
 def frame_geometry(height: int, width: int, options: ClipOptions) -> tuple[int, int, int, int]:
@@ -303,11 +309,16 @@ def read_clips(path: str | Path, options: ClipOptions) -> VideoClips:
             sound = Soundtrack()
         sampler = FrameSampler(options)
         first = last = duration = gap = None
-        count = 0
+        count = decoded = 0
+        cut = False
         for frame in container.decode(*streams):
             if not isinstance(frame, av.VideoFrame):
                 sound.add(frame)
             else:
+                if decoded == options.max_frames_read:
+                    cut = True  # the frames so far make the clips; the file is named as cut short
+                    break
+                decoded += 1
                 if frame.width * frame.height > MAX_IMAGE_PIXELS:
                     raise ValueError(f"{frame.width}x{frame.height} frame exceeds MAX_IMAGE_PIXELS={MAX_IMAGE_PIXELS}")
                 time = frame_time(frame, count, video)
@@ -328,7 +339,7 @@ def read_clips(path: str | Path, options: ClipOptions) -> VideoClips:
             duration = 1 / Fraction(rate) if rate else Fraction(0)
         seconds = last - first + duration
         sampler.fill(until=seconds)
-    result = VideoClips(clips=[], seconds=float(seconds))
+    result = VideoClips(clips=[], seconds=float(seconds), cut=cut)
     for index, frames in sampler.done:
         clip = Clip(index=index, start=index * options.step, frames=np.stack(frames))
         if options.min_motion is not None and motion(clip.frames) < options.min_motion:
