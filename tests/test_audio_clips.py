@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import json
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +12,7 @@ import soundfile
 
 from app.__main__ import main
 from datamodules.audio_clips import AudioClipOptions, cut_spans, level_db
+from tests.shard_files import shard_samples
 
 SOURCE_RATE = 48000
 PAUSES = ((4.2, 4.8), (9.6, 10.0), (15.5, 16.0))
@@ -32,14 +32,8 @@ def recording(seconds: float = 25.0) -> np.ndarray:
 
 def clips_of(folder: Path) -> dict[str, tuple[np.ndarray, int, dict]]:
     """{key: (samples, rate, json with the caption as "txt")} of every shard in ``folder``."""
-    fields: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                fields.setdefault(key, {})[ext] = tar.extractfile(member).read()
     out = {}
-    for key, f in fields.items():
+    for key, f in shard_samples(folder).items():
         audio, rate = soundfile.read(io.BytesIO(f["wav"]), always_2d=True)
         out[key] = audio, rate, {**json.loads(f["json"]), "txt": f.get("txt", b"").decode()}
     return out

@@ -9,7 +9,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import tarfile
 from fractions import Fraction
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from datamodules.decoders import decode_audio
 from datamodules.video_clips import ClipOptions, read_clips
+from tests.shard_files import shard_samples
 
 W, H = 32, 24
 LEVEL = 8
@@ -83,17 +83,6 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 10, audio: np.ndarray
             container.mux(sound.encode(chunk))
             container.mux(sound.encode(None))
     return path
-
-
-def shard_samples(folder: Path) -> dict[str, dict[str, bytes]]:
-    """{key: {extension: bytes}} of every shard in ``folder``."""
-    samples: dict[str, dict[str, bytes]] = {}
-    for shard in sorted(folder.glob("*.tar")):
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                samples.setdefault(key, {})[ext] = tar.extractfile(member).read()
-    return samples
 
 
 def npy(data: bytes) -> np.ndarray:
