@@ -24,7 +24,7 @@ import torch
 
 from app.__main__ import main
 from app.checkpoint_io import AtomicCheckpointIO
-from callbacks.checkpoint import CheckpointNotSaved, RunCheckpoint
+from callbacks.checkpoint import CHECKPOINT_NOT_SAVED_EXIT, CheckpointNotSaved, RunCheckpoint
 from callbacks.preemption import Preemption
 from datamodules.shards import ShardDataModule
 from tests.conftest import ROOT
@@ -133,7 +133,7 @@ def test_a_failed_preemption_save_stops_with_checkpoint_not_saved(tmp_path: Path
 DDP_SCRIPT = """
 import sys, lightning as L
 sys.path.insert(0, {root!r})
-from callbacks.checkpoint import CheckpointNotSaved, RunCheckpoint
+from callbacks.checkpoint import CHECKPOINT_NOT_SAVED_EXIT, CheckpointNotSaved, RunCheckpoint
 from datamodules.shards import ShardDataModule
 from tests.conftest import ROOT
 from tests.test_reliability_checkpoints import Linear
@@ -148,7 +148,7 @@ if __name__ == "__main__":
         trainer.fit(Linear(), ShardDataModule({shards!r}, batch_size=4, num_workers=0))
     except CheckpointNotSaved as e:
         print(f"rank {{trainer.global_rank}} stopped at step {{trainer.global_step}}: {{e}}", flush=True)
-        sys.exit(4)
+        sys.exit(CHECKPOINT_NOT_SAVED_EXIT)
 """
 
 
