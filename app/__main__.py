@@ -46,6 +46,8 @@ def quiet_known_noise() -> None:
         r".*Attribute '\w*codec' is an instance of .nn.Module.*",  # codecs save no weights: their hparams rebuild them
         r".*does not have many workers which may be a bottleneck.*",
         r"(?s).*Unable to serialize instance <app.checkpoint_io.AtomicCheckpointIO.*",  # set in code, not config
+        r".*overridden .transfer_batch_to_device. in .LightningModule. but have passed in a .LightningDataModule.*",
+        # the module's hook checks conditions on the host; the datamodule has none, so Lightning uses it as intended
     ):
         warnings.filterwarnings("ignore", message=pattern)
     warnings.filterwarnings("ignore", category=DeprecationWarning)
