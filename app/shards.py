@@ -12,14 +12,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
     sub = ap.add_subparsers(dest="source", required=True)
     add_media_parsers(sub)
     shp = sub.add_parser(
-        "shapes", help="a mesh folder: <name>.ply|obj|off, or <class>/<name>.ply|obj|off, optional .txt captions",
+        "shapes", help="a mesh folder: <name>.ply|obj|off, or <class>/.../<name>.ply|obj|off, optional captions",
         description="Shard a folder of PLY/OBJ/OFF meshes into shape samples (surface points, occupancy queries and "
-                    "labels), the data of the shape autoencoder. With class sub-folders, class ids are the sorted "
-                    "folder names (written to OUT/classes.json). Each mesh is turned z-up (--up-axis), centred and "
-                    "scaled into the ball of radius 0.9 (--scale); unreadable meshes are skipped, counted and named; "
+                    "labels), the data of the shape autoencoder. Class sub-folders are searched to any depth. "
+                    + FOLDER_RULES.format(stored="Unreadable meshes")
+                    + " Each mesh is turned z-up (--up-axis), centred and scaled into the ball of radius 0.9 (--scale); "
                     "meshes with (nearly) empty occupancy are written, counted and named. See datamodules/ingest_mesh.py.")
     shp.add_argument("src", help="folder of .ply/.obj/.off meshes, or of class sub-folders holding them")
-    shp.add_argument("out", help="output folder for the shards")
+    add_folder_options(shp, "meshes")
     shp.add_argument("--shard-size", type=int, default=1000, help="shapes per shard (default 1000)")
     shp.add_argument("--prefix", default="shape", help="shard file name prefix (default shape)")
     shp.add_argument("--points", type=int, default=2048, help="surface points stored per shape (default 2048)")
@@ -215,7 +215,7 @@ def main(argv: list[str]) -> int:
         options = MeshOptions(points=args.points, queries=args.queries, up=args.up_axis, scale=args.scale,
                               units=args.units, min_inside=args.min_inside)
         report = write_mesh_folder(args.src, args.out, options, shard_size=args.shard_size, prefix=args.prefix,
-                                   workers=args.workers)
+                                   workers=args.workers, captions=args.captions, holdout=args.holdout)
         print(report.summary())
         paths = report.paths
     elif args.source in ("videos", "audiovideo"):

@@ -1,7 +1,9 @@
 """``duoflow shards shapes``: a folder of PLY/OBJ/OFF meshes -> shape shards (the format of ``datamodules.shapes``).
 
-Layout: ``SRC/<class>/<name>.{ply,obj,off}`` (class ids = sorted sub-folder names, OUT/classes.json) and/or
-meshes directly in SRC (no ``cls``); a same-name ``.txt`` is the caption.
+Layout: ``SRC/<class>/.../<name>.{ply,obj,off}`` (class ids = sorted sub-folder names, OUT/classes.json; a class
+folder is searched to any depth, as in ShapeNet's ``<class>/<model>/models/model.obj``) and/or meshes directly in
+SRC (no ``cls``). Captions (``--captions`` manifest, ``.txt``/``.json`` sidecars) and the ``holdout`` split
+(OUT/train and OUT/holdout by a hash of the path) are those of every folder command: ``datamodules.sources``.
 
 Frame: shards are z-up (the convention of every shape in this project). ``up`` names the file's up
 axis: "z" (the default: ModelNet, most CAD and scan exports) keeps the mesh as it is; "y" (glTF, Blender
@@ -42,8 +44,9 @@ from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.occupancy import inside_mesh
 from datamodules.parallel import check_workers, ordered_map
 from datamodules.shapes import BOUND, near_surface_queries, occupancy_sample
-from datamodules.sources import MediaFile, Report, Skipped, class_folders, plural
-from datamodules.writers import ShardWriter, write_classes
+from datamodules.sources import (MediaFile, Report, Skipped, class_folders, label_and_caption, plural, read_manifest,
+                                 split_folders)
+from datamodules.writers import SplitWriter, labelled
 
 log = logging.getLogger("duoflow.data")
 
@@ -162,47 +165,48 @@ def find_meshes(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
 
 def write_mesh_folder(
     src: str, out: str, options: MeshOptions = MeshOptions(), shard_size: int = 1000, prefix: str = "shape",
-    workers: int = 1, progress: bool = True,
+    workers: int = 1, progress: bool = True, captions: str | None = None, holdout: float = 0.0,
 ) -> MeshReport:
     """Shard a folder of meshes into shape samples (see the module docstring); ``report.paths`` are the shards."""
     root = Path(src)
     if not root.is_dir():
         raise FileNotFoundError(f"mesh folder {src!r} does not exist; expected a directory of .ply/.obj/.off files")
     check_workers(workers)
-    classes, files = find_meshes(root)
-    if not files:
+    folders = split_folders(out, holdout)
+    classes, found = find_meshes(root)
+    if not found:
         raise ValueError(f"mesh folder {src!r} holds no meshes; expected {src}/[<class>/]<name>.{{ply,obj,off}}")
-    random.Random(0).shuffle(files)
-    if classes:
-        write_classes(out, classes)
-    report = MeshReport(files=len(files), written={"train": 0}, min_inside=options.min_inside)
-    tasks = [(i, str(path), options) for i, (_, path) in enumerate(files)]
+    files = [MediaFile(i, path, path.relative_to(root).as_posix(), None if label < 0 else label)
+             for i, (label, path) in enumerate(found)]
+    classes = label_and_caption(root, classes, files, read_manifest(captions) if captions else {})
+    order = list(files)
+    random.Random(0).shuffle(order)  # a shard mixes classes
+    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
+    report = MeshReport(files=len(files), written={split: 0 for split in writer.writers}, min_inside=options.min_inside)
+    tasks = [(j, str(file.path), options) for j, file in enumerate(order)]
     started = time.perf_counter()
-    with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer, \
-            ordered_map(read_one, tasks, workers) as results:
-        for i, result, reason, detail in tqdm(results, total=len(tasks), desc=f"shards {src}", unit="mesh",
-                                              disable=not progress):
-            label, path = files[i]
-            name = path.relative_to(root).as_posix()
-            if result is None:
-                report.skip(MediaFile(i, path, name), reason, detail)
-                continue
-            pts, q, occ, centre, scale = result
-            if occ.mean() < options.min_inside:
-                log.warning("near-empty occupancy: %s: %.2f%% of queries inside (< %g%%): an open sheet or large holes?",
-                            path, 100 * occ.mean(), 100 * options.min_inside)
-                report.empty.append(name)
-            meta = {"path": name, "up": options.up, "centre": centre.tolist(), "scale": scale}
-            extra: dict[str, Any] = {"json": meta}
-            if label >= 0:
-                extra["cls"], meta["class"] = label, classes[label]
-            caption_path = path.with_suffix(".txt")
-            if caption_path.is_file():
-                extra["txt"] = caption_path.read_text(encoding="utf-8").strip()
-            writer.write(occupancy_sample(f"{i:08d}", pts, q, occ, **extra))
-            report.written["train"] += 1
-            report.used += 1
-    report.paths, report.seconds = writer.paths, time.perf_counter() - started
+    try:
+        with ordered_map(read_one, tasks, workers) as results:
+            for j, result, reason, detail in tqdm(results, total=len(tasks), desc=f"shards {src}", unit="mesh",
+                                                  disable=not progress):
+                file = order[j]
+                if result is None:
+                    report.skip(file, reason, detail)
+                    continue
+                pts, q, occ, centre, scale = result
+                if occ.mean() < options.min_inside:
+                    log.warning("near-empty occupancy: %s: %.2f%% of queries inside (< %g%%): an open sheet or large "
+                                "holes?", file.path, 100 * occ.mean(), 100 * options.min_inside)
+                    report.empty.append(file.name)
+                key = f"{file.index:08d}"
+                meta = {"up": options.up, "centre": centre.tolist(), "scale": scale}
+                split = writer.split(file)
+                writer.write(split, labelled(file, classes, key, occupancy_sample(key, pts, q, occ, json=meta)))
+                report.written[split] += 1
+                report.used += 1
+    finally:
+        report.paths = writer.close()
+    report.seconds = time.perf_counter() - started
     if not report.used:
         raise ValueError(f"mesh folder {src!r}: no mesh could be used: {report.summary()}")
     return report

@@ -164,3 +164,37 @@ def test_workers_write_the_same_shards(tmp_path: Path) -> None:
     two = write_mesh_folder(str(tmp_path / "src"), str(tmp_path / "two"), SMALL, shard_size=3, workers=2, progress=False)
     assert len(one.paths) == 2 and one.skipped == two.skipped == {"unreadable": ["bad.obj"]}
     assert [Path(p).read_bytes() for p in one.paths] == [Path(p).read_bytes() for p in two.paths]
+
+
+def test_mesh_folders_take_captions_and_a_holdout_split_like_every_folder_command(tmp_path: Path) -> None:
+    """A ShapeNet-like tree (class/model/models/model.obj): a --captions manifest wins over sidecars, a .json
+    sidecar is read, every mesh lands in one split by the hash of its path, and both splits carry classes.json."""
+    import csv
+    import json
+
+    from datamodules.sources import in_holdout
+
+    src = tmp_path / "src"
+    names = []
+    for cls in ("chair", "table"):
+        for i in range(6):
+            path = src / cls / f"m{i}" / "models" / "model.ply"
+            write_ply(path, *cube(0.3 + 0.05 * i))
+            names.append(path.relative_to(src).as_posix())
+    (src / "chair/m0/models/model.json").write_text(json.dumps({"caption": "a small chair"}))
+    (src / "table/m1/models/model.txt").write_text("ignored: the manifest names this file")
+    with (tmp_path / "captions.csv").open("w", newline="") as f:
+        csv.writer(f).writerows([("path", "caption"), ("table/m1/models/model.ply", "a wide table")])
+    code = main(["shards", "shapes", str(src), str(tmp_path / "out"), "--points", "64", "--queries", "64",
+                 "--captions", str(tmp_path / "captions.csv"), "--holdout", "0.3"])
+    assert code == 0
+    seen = {}
+    for split in ("train", "holdout"):
+        assert json.loads((tmp_path / "out" / split / "classes.json").read_text()) == ["chair", "table"]
+        for s in read_tar_samples(sorted((tmp_path / "out" / split).glob("*.tar"))):
+            seen[s["json"]["path"]] = (split, s["json"]["class"], s.get("txt"))
+    assert sorted(seen) == sorted(names)
+    assert all(split == ("holdout" if in_holdout(name, 0.3) else "train") for name, (split, _, _) in seen.items())
+    assert {split for split, _, _ in seen.values()} == {"train", "holdout"}
+    assert seen["chair/m0/models/model.ply"][1:] == ("chair", "a small chair")
+    assert seen["table/m1/models/model.ply"][1:] == ("table", "a wide table")
