@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import tarfile
 from pathlib import Path
+from typing import Any
 
 import torch
+import yaml
 
 from app.errors import UserError
+
+log = logging.getLogger("duoflow")
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -18,7 +24,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--out", default="samples", help="output folder (default samples/)")
     cond = ap.add_mutually_exclusive_group()
     cond.add_argument("--class", dest="cls", type=int, default=None, help="class id for every sample (class-conditional models)")
-    cond.add_argument("--prompt", default=None, help="caption for every sample (text-conditional models)")
+    cond.add_argument("--prompt", default=None, help="caption for every sample (text-conditional models; default: the "
+                      "config's prompts, else the first distinct captions of the run's shards, as its previews)")
     ap.add_argument("--cfg", type=float, default=None, help="classifier-free guidance scale (default: the model's)")
     ap.add_argument("--steps", type=int, default=None, help="ODE steps (default: the model's sampler)")
     ap.add_argument("--seed", type=int, default=0)
@@ -91,12 +98,42 @@ def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tupl
     return shapes
 
 
+def training_captions(model: Any, ckpt: dict, num: int) -> list[str]:
+    """For a text model whose config states no prompts: the first ``num`` distinct captions of the run's validation
+    (else training) shards, as the training previews used; none when the model needs none or the shards are not here."""
+    from datamodules.shardlists import expand_shards, shard_captions
+    from models.conditioning import TextConditionModule
+
+    if not isinstance(model.cond, TextConditionModule) or model.cond.prompts:
+        return []
+    text = ckpt.get("duoflow_config")
+    cfg = yaml.safe_load(text) if text else {}
+    cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
+    data = cfg.get("data") or {}
+    shards = data.get("val_shards") or data.get("train_shards")
+    try:
+        captions = shard_captions(expand_shards(shards), num) if shards else []
+    except (OSError, ValueError, tarfile.TarError):  # the run's shards are on another machine, or gone
+        captions = []
+    if captions:
+        log.info("no --prompt: the first %d distinct captions of %s: %s", len(captions), shards, "; ".join(captions))
+    else:
+        log.warning("no --prompt, and no captions found in the run's shards (%s): sampling the empty caption; "
+                    "pass --prompt TEXT", shards)
+    return captions
+
+
 def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.num < 1:
         raise UserError(f"--num {args.num}: expected a positive number of samples")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema)
+    from models.checkpoints import load_checkpoint
+
+    if not Path(args.ckpt).is_file():
+        raise UserError(f"--ckpt {args.ckpt}: no such checkpoint file")
+    ckpt = load_checkpoint(Path(args.ckpt), mmap=True)
+    model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema, ckpt=ckpt)
     classes = model.cond.num_classes
     if args.cls is not None:
         if classes is None:
@@ -110,7 +147,7 @@ def main(argv: list[str]) -> int:
             raise UserError(f"--prompt: {args.ckpt} is a class model ({classes} classes); use --class K")
         cond = {"txt": [args.prompt] * args.num}
     else:
-        cond = model.cond.preview(args.num)
+        cond = model.cond.preview(args.num, training_captions(model, ckpt, args.num))
     shapes = latent_shapes(model, args.frames, args.seconds)
     x = model.generate(cond, args.num, steps=args.steps, cfg_scale=args.cfg, seed=args.seed, progress=True,
                        shapes=shapes)

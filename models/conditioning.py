@@ -126,7 +126,7 @@ class ByteText(Condition):
     heads: int = 4
     prompts: tuple[str, ...] = ()
     """Captions of the preview samples; empty: the first distinct captions of the training shards
-    (callbacks.samples.SamplePreview), and the empty caption for ``sample`` without --prompt."""
+    (callbacks.samples.SamplePreview, and ``sample`` without --prompt when those shards are at hand)."""
 
     def build(self, dim: int) -> ConditionModule:
         return ByteTextEncoder(dim, self.max_len, self.layers, self.heads, self.prompts)

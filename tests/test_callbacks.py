@@ -72,3 +72,34 @@ def test_preview_prompts_are_the_first_distinct_captions_of_the_val_else_train_s
     assert cond.preview(3, ["b", "a"])["txt"] == ["b", "a", "b"]  # no stated prompts: the captions, cycled
     assert ByteText(prompts=("x",)).build(32).preview(2, ["b"])["txt"] == ["x", "x"]  # stated prompts win
     assert cond.preview(2)["txt"] == ["", ""]  # nothing known: the empty caption
+
+
+def test_sample_without_prompt_takes_the_runs_captions(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """`sample` on a text model without --prompt uses the captions the training previews used (the run's
+    validation, else training, shards from the config in the checkpoint); shards that are gone: the empty
+    caption, said in one warning; a class model or stated prompts: nothing read."""
+    import yaml
+
+    from app.sample import training_captions
+    from datamodules.writers import ShardWriter
+    from models.conditioning import ByteText, ClassLabel
+
+    with ShardWriter(str(tmp_path / "train" / "s-%06d.tar"), maxcount=2) as writer:
+        for i, caption in enumerate(["a red circle", "a blue square", "a red circle", "a green cross"]):
+            writer.write({"__key__": f"{i:04d}", "txt": caption})
+
+    class Model:  # what training_captions reads of a generator
+        def __init__(self, cond):
+            self.cond = cond
+
+    ckpt = {"duoflow_config": yaml.safe_dump({"data": {"train_shards": str(tmp_path / "train" / "*.tar")}})}
+    text = Model(ByteText().build(32))
+    assert training_captions(text, ckpt, 2) == ["a red circle", "a blue square"]
+    assert text.cond.preview(4, training_captions(text, ckpt, 4))["txt"] == [
+        "a red circle", "a blue square", "a green cross", "a red circle"]
+    assert training_captions(Model(ByteText(prompts=("x",)).build(32)), ckpt, 2) == []
+    assert training_captions(Model(ClassLabel(4).build(32)), ckpt, 2) == []
+    gone = {"duoflow_config": yaml.safe_dump({"data": {"train_shards": str(tmp_path / "elsewhere" / "*.tar")}})}
+    with caplog.at_level("WARNING", logger="duoflow"):
+        assert training_captions(text, gone, 2) == []
+    assert "sampling the empty caption; pass --prompt TEXT" in caplog.text
