@@ -21,14 +21,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from app.errors import UserError
 from app.evaluation.evaluators import known_labels
 from app.evaluation.modalities import evaluator_for
 from app.evaluation.run import evaluate_generator
 from datamodules.shards import expand_shards, read_samples
-from models.checkpoints import load_checkpoint
 
 log = logging.getLogger("duoflow.eval")
 
@@ -62,10 +60,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def train_shards_of(ckpt: dict, path: str) -> str | list[str]:
     """`data.train_shards` of the run config stored in the checkpoint."""
-    text = ckpt.get("duoflow_config")
-    cfg = yaml.safe_load(text) if text else {}
-    cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
-    shards = (cfg.get("data") or {}).get("train_shards")
+    from app.sample import run_config
+
+    shards = (run_config(ckpt).get("data") or {}).get("train_shards")
     if not shards:
         raise UserError(f"--ckpt {path}: records no data.train_shards; pass the training shards with --reference")
     return shards
@@ -94,8 +91,6 @@ def check_args(args: argparse.Namespace) -> None:
         raise UserError(f"--num {args.num}: expected at least 10 samples (precision/recall need more than k=3 neighbours)")
     if args.batch_size < 1:
         raise UserError(f"--batch-size {args.batch_size}: expected a positive number")
-    if not Path(args.ckpt).is_file():
-        raise UserError(f"--ckpt {args.ckpt}: no such checkpoint file")
 
 
 def warn_overlap(data: str, train_shards: str | list[str]) -> None:
@@ -107,13 +102,13 @@ def warn_overlap(data: str, train_shards: str | list[str]) -> None:
 
 
 def main(argv: list[str]) -> int:
-    from app.sample import load_generator
+    from app.sample import load_generator, read_checkpoint
 
     args = parse(argv)
     check_args(args)
     start = time.perf_counter()
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    ckpt = load_checkpoint(args.ckpt, mmap=True)
+    ckpt = read_checkpoint(args.ckpt)
     train_shards = args.reference or train_shards_of(ckpt, args.ckpt)
     warn_overlap(args.data, train_shards)
     model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema, ckpt=ckpt)

@@ -11,12 +11,10 @@ import argparse
 import json
 from pathlib import Path
 
-import yaml
 from safetensors.torch import save_file
 
 from app.errors import UserError
-from app.sample import load_generator
-from models.checkpoints import load_checkpoint
+from app.sample import load_generator, read_checkpoint, run_config
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -29,19 +27,14 @@ def parse(argv: list[str]) -> argparse.Namespace:
 
 def model_config(ckpt: dict) -> dict:
     """The `model:` section of the run config stored in the checkpoint (class_path + init_args)."""
-    text = ckpt.get("duoflow_config")
-    cfg = yaml.safe_load(text) if text else {}
-    cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
-    model = cfg.get("model") or {}
+    model = run_config(ckpt).get("model") or {}
     if not model.get("class_path"):
         model = {"class_path": ckpt.get("hyper_parameters", {}).get("_class_path"), **model}
     return model
 
 
 def export(ckpt_path: str | Path, out: str | Path, ema: bool = True) -> Path:
-    if not Path(ckpt_path).is_file():
-        raise UserError(f"--ckpt {ckpt_path}: no such checkpoint file")
-    ckpt = load_checkpoint(ckpt_path, mmap=True)
+    ckpt = read_checkpoint(ckpt_path)
     model, used_ema = load_generator(ckpt_path, "cpu", ema=ema, ckpt=ckpt)
     if ema and not used_ema:
         raise UserError(f"--ckpt {ckpt_path}: holds no EMA weights; pass --no-ema to export the raw weights")

@@ -40,19 +40,33 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
+def read_checkpoint(ckpt_path: str | Path) -> dict:
+    """The checkpoint given as --ckpt, read as data (memory-mapped); one line when there is no such file."""
+    from models.checkpoints import load_checkpoint
+
+    if not Path(ckpt_path).is_file():
+        raise UserError(f"--ckpt {ckpt_path}: no such checkpoint file")
+    return load_checkpoint(ckpt_path, mmap=True)
+
+
+def run_config(ckpt: dict) -> dict:
+    """The run config stored in the checkpoint (``duoflow_config``, YAML), without the subcommand level; {} if none."""
+    text = ckpt.get("duoflow_config")
+    cfg = yaml.safe_load(text) if text else {}
+    return cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
+
+
 def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True, ckpt: dict | None = None):
     """Rebuild the generator from its checkpoint (the config travels in it) and load EMA weights.
 
     `ckpt`: the checkpoint already read from `ckpt_path`, when the caller has it (saves a read)."""
     from callbacks.ema import load_ema_weights
-    from models.checkpoints import load_checkpoint, reading_as_data
+    from models.checkpoints import reading_as_data
     from models.generators import FlowMatchingModule
 
     path = Path(ckpt_path)
-    if not path.is_file():
-        raise UserError(f"--ckpt {path}: no such checkpoint file")
     if ckpt is None:
-        ckpt = load_checkpoint(path, mmap=True)
+        ckpt = read_checkpoint(path)
     class_path = ckpt.get("hyper_parameters", {}).get("_class_path")
     if not class_path:
         raise UserError(f"--ckpt {path}: not a duoflow generator checkpoint (no model class recorded in it)")
@@ -106,10 +120,7 @@ def training_captions(model: Any, ckpt: dict, num: int) -> list[str]:
 
     if not isinstance(model.cond, TextConditionModule) or model.cond.prompts:
         return []
-    text = ckpt.get("duoflow_config")
-    cfg = yaml.safe_load(text) if text else {}
-    cfg = cfg.get("fit", cfg) if isinstance(cfg, dict) else {}
-    data = cfg.get("data") or {}
+    data = run_config(ckpt).get("data") or {}
     shards = data.get("val_shards") or data.get("train_shards")
     try:
         captions = shard_captions(expand_shards(shards), num) if shards else []
@@ -128,11 +139,7 @@ def main(argv: list[str]) -> int:
     if args.num < 1:
         raise UserError(f"--num {args.num}: expected a positive number of samples")
     device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
-    from models.checkpoints import load_checkpoint
-
-    if not Path(args.ckpt).is_file():
-        raise UserError(f"--ckpt {args.ckpt}: no such checkpoint file")
-    ckpt = load_checkpoint(Path(args.ckpt), mmap=True)
+    ckpt = read_checkpoint(args.ckpt)
     model, used_ema = load_generator(args.ckpt, device, ema=not args.no_ema, ckpt=ckpt)
     classes = model.cond.num_classes
     if args.cls is not None:
