@@ -30,12 +30,10 @@ random draws depend only on its position, so the shards are the same for any num
 from __future__ import annotations
 
 import logging
-import os
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 from tqdm import tqdm
@@ -44,8 +42,16 @@ from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.occupancy import inside_mesh
 from datamodules.parallel import check_workers, ordered_map
 from datamodules.shapes import BOUND, near_surface_queries, occupancy_sample
-from datamodules.sources import (MediaFile, Report, Skipped, class_folders, label_and_caption, plural, read_manifest,
-                                 split_folders)
+from datamodules.sources import (
+    MediaFile,
+    Report,
+    Skipped,
+    class_folders,
+    label_and_caption,
+    plural,
+    read_manifest,
+    split_folders,
+)
 from datamodules.writers import SplitWriter, labelled
 
 log = logging.getLogger("duoflow.data")
@@ -206,7 +212,4 @@ def write_mesh_folder(
                 report.used += 1
     finally:
         report.paths = writer.close()
-    report.seconds = time.perf_counter() - started
-    if not report.used:
-        raise ValueError(f"mesh folder {src!r}: no mesh could be used: {report.summary()}")
-    return report
+    return report.finish(started, f"mesh folder {src!r}: no mesh could be used")

@@ -117,10 +117,7 @@ def write_video_clips(
                 bar.set_postfix(clips=sum(report.written.values()))
     finally:
         report.paths = writer.close()
-    report.seconds = time.perf_counter() - started
-    if not report.paths:
-        raise ValueError(f"no clips written from {src}: {report.summary()}")
-    return report
+    return report.finish(started, f"no clips written from {src}")
 
 
 def clip_sample(video: MediaFile, clip, options: ClipOptions, classes: list[str]) -> dict:

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
@@ -84,6 +85,13 @@ class Report:
     def skip(self, file: MediaFile, reason: str, detail: str) -> None:
         log.warning("skipping %s (%s): %s", file.path, reason, detail)
         self.skipped.setdefault(reason, []).append(file.name)
+
+    def finish(self, started: float, nothing: str) -> Report:
+        """Record the seconds since ``started``; when no shard was written, raise one line: ``nothing``, then the summary."""
+        self.seconds = time.perf_counter() - started
+        if not self.paths:
+            raise ValueError(f"{nothing}: {self.summary()}")
+        return self
 
     def summary(self) -> str:
         total = sum(self.written.values())

@@ -249,9 +249,7 @@ def write_media_folder(
             report.used += 1
     finally:
         report.paths = writer.close()
-    report.seconds = time.perf_counter() - started
-    if not report.paths:
-        raise ValueError(f"no {unit}s written from {src}: {report.summary()}")
+    report.finish(started, f"no {unit}s written from {src}")
     log.info("%s", report.summary())
     return report
 
