@@ -115,7 +115,7 @@ def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tupl
 def training_captions(model: Any, ckpt: dict, num: int) -> list[str]:
     """For a text model whose config states no prompts: the first ``num`` distinct captions of the run's validation
     (else training) shards, as the training previews used; none when the model needs none or the shards are not here."""
-    from datamodules.shardlists import expand_shards, shard_captions
+    from datamodules.shardlists import preview_captions
     from models.conditioning import TextConditionModule
 
     if not isinstance(model.cond, TextConditionModule) or model.cond.prompts:
@@ -123,7 +123,7 @@ def training_captions(model: Any, ckpt: dict, num: int) -> list[str]:
     data = run_config(ckpt).get("data") or {}
     shards = data.get("val_shards") or data.get("train_shards")
     try:
-        captions = shard_captions(expand_shards(shards), num) if shards else []
+        captions = preview_captions(data.get("val_shards"), data.get("train_shards"), num) if shards else []
     except (OSError, ValueError, tarfile.TarError):  # the run's shards are on another machine, or gone
         captions = []
     if captions:

@@ -11,7 +11,7 @@ from pathlib import Path
 import webdataset as wds
 from webdataset.tariterators import base_plus_ext
 
-from datamodules.writers import INDEX_NAME
+from datamodules.writers import CLASSES_NAME, INDEX_NAME
 
 
 def is_remote(url: str) -> bool:
@@ -102,6 +102,12 @@ def first_sample_fields(url: str) -> set[str]:
     return fields
 
 
+def shard_classes(urls: list[str]) -> list[str] | None:
+    """The class names in classes.json beside the first shard (written by `duoflow shards`), or None."""
+    names = Path(urls[0]).parent / CLASSES_NAME
+    return json.loads(names.read_text()) if names.is_file() else None
+
+
 def shard_conditions(urls: list[str]) -> dict:
     """What conditioning the shards offer: ``classes`` (names from classes.json beside them, or None), and
     whether their first sample has a class label (``labels``) and a caption or cached caption embeddings
@@ -109,12 +115,17 @@ def shard_conditions(urls: list[str]) -> dict:
     (nothing is read from them here)."""
     if not urls or is_remote(urls[0]):
         return {}
-    names = Path(urls[0]).parent / "classes.json"
     fields = first_sample_fields(urls[0])
     if not fields:
         return {"empty": True}
-    return {"classes": json.loads(names.read_text()) if names.is_file() else None, "labels": "cls" in fields,
+    return {"classes": shard_classes(urls), "labels": "cls" in fields,
             "captions": "txt" in fields or "text.safetensors" in fields}
+
+
+def preview_captions(val_shards: str | list[str] | None, train_shards: str | list[str], num: int) -> list[str]:
+    """The first ``num`` distinct captions of the validation shards, else of the training shards: the preview
+    prompts of a text model whose config states none (in training, and in ``sample`` without --prompt)."""
+    return shard_captions(expand_shards(val_shards or train_shards), num)
 
 
 def shard_captions(urls: list[str], num: int) -> list[str]:

@@ -26,7 +26,7 @@ from datamodules.shardlists import (
     count_tar_samples,
     expand_shards,
     is_remote,
-    shard_captions,
+    preview_captions,
     shard_conditions,
 )
 from datamodules.stream import (
@@ -113,9 +113,8 @@ class ShardDataModule(lightning.LightningDataModule):
             self.transform.follow(module.media_spec())
 
     def preview_captions(self, num: int) -> list[str]:
-        """The first ``num`` distinct captions of the validation shards, else of the training shards (see
-        ``shard_captions``): the preview prompts of a text model whose config states none."""
-        return shard_captions(expand_shards(self.val_shards or self.train_shards), num)
+        """The preview prompts of a text model whose config states none (``shardlists.preview_captions``)."""
+        return preview_captions(self.val_shards, self.train_shards, num)
 
     def train_stream(self, urls: list[str], rank: int, world_size: int) -> TrainStream:
         """This rank's training stream (one epoch per ``batches(epoch, ...)``)."""

@@ -13,7 +13,6 @@ A new modality plugs in with an Evaluator subclass and one EVALUATORS entry. Thr
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -23,6 +22,7 @@ from torch import Tensor
 from app.errors import UserError
 from app.evaluation.feature_net import feature_net_for
 from app.evaluation.metrics import accuracy, frechet_from_features, knn_precision_recall
+from datamodules.shardlists import shard_classes
 from datamodules.shards import expand_shards
 from datamodules.transforms import SampleTransform
 from datamodules.writers import CLASSES_NAME
@@ -153,20 +153,19 @@ class CheckerEvaluator(Evaluator):
 
 def class_names_of(train_shards: str | list[str]) -> list[str] | None:
     """The class names in classes.json next to the training shards (written by `duoflow shards`), or None."""
-    names = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
-    return list(json.loads(names.read_text())) if names.is_file() else None
+    return shard_classes(expand_shards(train_shards))
 
 
 def num_classes_of(train_shards: str | list[str], model: Any) -> int:
     """From classes.json next to the training shards (written by `duoflow shards`), else the model's."""
-    names = class_names_of(train_shards)
+    urls = expand_shards(train_shards)
+    names = shard_classes(urls)
     if names is not None:
         return len(names)
     n = model.cond.num_classes
     if n is None:
-        where = Path(expand_shards(train_shards)[0]).parent / CLASSES_NAME
-        raise UserError(f"{where}: not found, and the model is not class-conditional; the feature net "
-                        "needs the class names of the training shards (written by `duoflow shards`)")
+        raise UserError(f"{Path(urls[0]).parent / CLASSES_NAME}: not found, and the model is not class-conditional; "
+                        "the feature net needs the class names of the training shards (written by `duoflow shards`)")
     return int(n)
 
 
