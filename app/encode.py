@@ -45,6 +45,7 @@ from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
 from datamodules.decoders import BadSample, decode_sample
+from datamodules.latents import MANIFEST_NAME
 from datamodules.media.spec import MediaSpec, TokenAxis
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
@@ -56,7 +57,6 @@ from models.text_encoders import TextEncoders, TextEncoderSpec
 
 log = logging.getLogger("duoflow.encode")
 
-MANIFEST_NAME = "manifest.json"
 STATS_NAME = "latent-stats.json"
 STREAMS = (("x", "latent.npy", STATS_NAME), ("audio", "audio_latent.npy", "audio-latent-stats.json"))
 """Batch key -> stored field and statistics file, per stream (the video's soundtrack is the second)."""

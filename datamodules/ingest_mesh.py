@@ -50,6 +50,7 @@ from datamodules.sources import (
     label_and_caption,
     plural,
     read_manifest,
+    shown,
     split_folders,
 )
 from datamodules.writers import SplitWriter, labelled
@@ -154,9 +155,8 @@ class MeshReport(Report):
     def summary(self) -> str:
         line = super().summary()
         if self.empty:
-            shown = ", ".join(sorted(self.empty)[:5]) + (", ..." if len(self.empty) > 5 else "")
             line += (f"; {plural(len(self.empty), 'shape')} written with near-empty occupancy "
-                     f"(< {self.min_inside:.0%} of queries inside): {shown}")
+                     f"(< {self.min_inside:.0%} of queries inside): {shown(self.empty)}")
         return line
 
 

@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from tqdm import tqdm
 
 from datamodules.parallel import check_workers, ordered_map
-from datamodules.sources import SHOWN_PATHS, MediaFile, Report, Skipped, find_sources, plural, split_folders
+from datamodules.sources import MediaFile, Report, Skipped, find_sources, plural, shown, split_folders
 from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, VideoClips, read_clips
 from datamodules.writers import SplitWriter, labelled
 
@@ -58,8 +58,7 @@ class ClipReport(Report):
     def summary(self) -> str:
         line = super().summary()
         if self.cut:
-            names = ", ".join(sorted(self.cut)[:SHOWN_PATHS]) + (", ..." if len(self.cut) > SHOWN_PATHS else "")
-            line += f"; {plural(len(self.cut), 'video')} cut short at --max-frames-read={self.max_frames_read} ({names})"
+            line += f"; {plural(len(self.cut), 'video')} cut short at --max-frames-read={self.max_frames_read} ({shown(self.cut)})"
         if self.static:
             line += f"; {plural(self.static, 'clip')} below --min-motion"
         if self.silent:

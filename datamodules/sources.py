@@ -58,6 +58,11 @@ class Skipped(Exception):
         self.reason = reason
 
 
+def shown(paths: list[str]) -> str:
+    """The first SHOWN_PATHS of ``paths``, sorted, then "..." when there are more: how a summary line names files."""
+    return ", ".join(sorted(paths)[:SHOWN_PATHS]) + (", ..." if len(paths) > SHOWN_PATHS else "")
+
+
 def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
@@ -101,8 +106,7 @@ class Report:
         splits = " (" + ", ".join(f"{s} {n}" for s, n in self.written.items()) + ")" if len(self.written) > 1 else ""
         origin = f" from {plural(self.used, self.source)}" if per_sample else ""
         line = f"{plural(total, self.unit)}{splits}{origin} in {self.seconds:.2f} s ({rate})"
-        parts = [f"{len(paths)} {reason} ({', '.join(sorted(paths)[:SHOWN_PATHS])}{', ...' if len(paths) > SHOWN_PATHS else ''})"
-                 for reason, paths in sorted(self.skipped.items())]
+        parts = [f"{len(paths)} {reason} ({shown(paths)})" for reason, paths in sorted(self.skipped.items())]
         skipped = sum(len(paths) for paths in self.skipped.values())
         line += f"; {skipped} skipped" + (": " + ", ".join(parts) if parts else "")
         return line + "".join(f"; {plural(n, self.unit)} {reason}" for reason, n in sorted(self.dropped.items()))
