@@ -22,10 +22,9 @@ import soundfile
 import torch
 import torchaudio.functional as AF
 
-from datamodules.audio_clips import AudioClipOptions, read_audio_clips
-from datamodules.decoders import BadSample, decode_audio
+from datamodules.audio_clips import AudioClipOptions, read_audio_clips, read_checked_audio
+from datamodules.decoders import BadSample
 from datamodules.media.spec import MediaSpec
-from datamodules.sources import Skipped
 from datamodules.transforms import SampleTransform
 from datamodules.writers import write_media_folder
 
@@ -174,29 +173,9 @@ def spoken_words(
 
 
 def read_audio(path: Path) -> dict:
-    """An audio file's original bytes under its extension, after one full decode (soundfile); empty audio is refused."""
-    data = path.read_bytes()
-    try:
-        audio, sample_rate = decode_audio(data)
-    except soundfile.LibsndfileError as exn:
-        raise ValueError(f"not WAV/FLAC audio: {exn.error_string}") from exn
-    if not len(audio):
-        raise ValueError("no samples")
-    missing = wav_shortfall(data) if path.suffix.lower() == ".wav" else 0
-    if missing:  # libsndfile reads what is there and says nothing: a cut-off copy would pass as a short recording
-        raise Skipped("truncated", f"{missing} bytes of samples missing at the end (the header promises more)")
+    """An audio file's original bytes under its extension, after one full decode and the checks of ``read_checked_audio``."""
+    data, audio, sample_rate = read_checked_audio(path)
     return {path.suffix[1:].lower(): data, "json": {"sample_rate": sample_rate, "seconds": round(len(audio) / sample_rate, 4)}}
-
-
-def wav_shortfall(data: bytes) -> int:
-    """How many bytes of its data chunk a RIFF/WAVE file lacks (0: whole, or not a RIFF layout this reads)."""
-    offset = 12
-    while data[:4] == b"RIFF" and offset + 8 <= len(data):
-        kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
-        if kind == b"data":
-            return max(0, offset + 8 + size - len(data)) if size != 0xFFFFFFFF else 0  # 0xFFFFFFFF: a streamed WAV
-        offset += 8 + size + size % 2
-    return 0
 
 
 def write_audio_folder(

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import soundfile
 
+from datamodules.decoders import decode_audio
 from datamodules.sources import Skipped
 from datamodules.writers import Cut
 
@@ -107,15 +108,37 @@ def mono_at(audio: np.ndarray, rate: int, target: int | None) -> tuple[np.ndarra
         return resampler(rate, target)(torch.from_numpy(x)).numpy(), target
 
 
-def read_audio_clips(path: Path, options: AudioClipOptions) -> Cut:
-    """A recording's clips as shard fields (``wav``, ``json``), and the clips dropped per reason; raises ``Skipped``
-    when none is left (too short, silent)."""
+def wav_shortfall(data: bytes) -> int:
+    """How many bytes of its data chunk a RIFF/WAVE file lacks (0: whole, or not a RIFF layout this reads)."""
+    offset = 12
+    while data[:4] == b"RIFF" and offset + 8 <= len(data):
+        kind, size = data[offset : offset + 4], int.from_bytes(data[offset + 4 : offset + 8], "little")
+        if kind == b"data":
+            return max(0, offset + 8 + size - len(data)) if size != 0xFFFFFFFF else 0  # 0xFFFFFFFF: a streamed WAV
+        offset += 8 + size + size % 2
+    return 0
+
+
+def read_checked_audio(path: Path) -> tuple[bytes, np.ndarray, int]:
+    """(file bytes, samples (S, K) float32, sample rate) of a WAV/FLAC file, refused when it cannot be decoded, holds
+    no samples, or is a WAV cut off before the end its header promises: the checks of every audio reader."""
+    data = path.read_bytes()
     try:
-        audio, source_rate = soundfile.read(path, dtype="float32", always_2d=True)  # (S, K)
+        audio, sample_rate = decode_audio(data)
     except soundfile.LibsndfileError as exn:
         raise ValueError(f"not WAV/FLAC audio: {exn.error_string}") from exn
     if not len(audio):
         raise Skipped("unreadable", "no samples")
+    missing = wav_shortfall(data) if path.suffix.lower() == ".wav" else 0
+    if missing:  # libsndfile reads what is there and says nothing: a cut-off copy would pass as a short recording
+        raise Skipped("truncated", f"{missing} bytes of samples missing at the end (the header promises more)")
+    return data, audio, sample_rate
+
+
+def read_audio_clips(path: Path, options: AudioClipOptions) -> Cut:
+    """A recording's clips as shard fields (``wav``, ``json``), and the clips dropped per reason; raises ``Skipped``
+    when none is left (too short, silent) or the file fails ``read_checked_audio``."""
+    _, audio, source_rate = read_checked_audio(path)  # (S, K)
     if not np.isfinite(audio).all():
         raise Skipped("unreadable", "audio holds NaN or inf")
     x, rate = mono_at(audio, source_rate, options.sample_rate)

@@ -85,3 +85,21 @@ def test_cut_spans_without_pauses_and_short_files() -> None:
 def test_clip_options_are_one_line_errors(kwargs: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         AudioClipOptions(**kwargs)
+
+
+def test_cutting_refuses_a_truncated_wav_as_whole_file_sharding_does(tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """A WAV cut off before the end its header promises is skipped and named as truncated, with or without cutting
+    (libsndfile reads what is there and says nothing)."""
+    src = tmp_path / "src"
+    src.mkdir()
+    buffer = io.BytesIO()
+    soundfile.write(buffer, recording(), SOURCE_RATE, format="WAV", subtype="PCM_16")
+    (src / "cut.wav").write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+    soundfile.write(src / "whole.wav", recording(), SOURCE_RATE, subtype="PCM_16")
+    caplog.set_level("INFO")
+    for name, options in (("files", []), ("clips", ["--max-seconds", "6"])):
+        assert main(["shards", "audio", str(src), str(tmp_path / name), *options]) == 0
+        assert "1 skipped: 1 truncated (cut.wav)" in caplog.text, caplog.text
+        assert {meta["path"] for _, _, meta in clips_of(tmp_path / name).values()} == {"whole.wav"}
+        caplog.clear()
