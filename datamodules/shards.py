@@ -167,7 +167,7 @@ class ShardDataModule(lightning.LightningDataModule):
         urls = expand_shards(self.train_shards)
         self.transform.check_shards(urls)  # e.g. latent shards made by other models than the model's: one line
         stream = self.train_stream(urls, rank, world_size)
-        self._epoch_shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
+        self._epoch_shape = stream.epoch_shape
         workers = max(1, self.num_workers)
         self._start = start = self.resume_from(stream, workers) or {}
         self._consumed = {w: (start["epoch"], d, n) for w, (d, n) in enumerate(zip(start["done"], start["samples"]))
@@ -221,7 +221,7 @@ class ShardDataModule(lightning.LightningDataModule):
         if "samples" not in state:
             log.warning("checkpoint data position is from an older duoflow: starting epoch %d of the stream", epoch + 1)
             return following
-        shape = {"batch_size": stream.batch_size, "epoch_samples": stream.samples}
+        shape = stream.epoch_shape
         if any(state.get(key, value) != value for key, value in shape.items()):
             log.warning("checkpoint data position was taken with batch_size %s and %s samples per epoch, now %d and "
                         "%d: starting epoch %d of the stream", state.get("batch_size"), state.get("epoch_samples"),

@@ -254,6 +254,11 @@ class TrainStream:
         self.transform, self.batch_size, self.shuffle_buffer, self.seed = transform, batch_size, shuffle_buffer, seed
         self.skips = SkipCounter(max_bad_fraction, rank=rank)  # one per worker (each holds a copy)
 
+    @property
+    def epoch_shape(self) -> dict[str, int]:
+        """What a saved stream position depends on besides the ranks and workers (saved with it, checked on resume)."""
+        return {"batch_size": self.batch_size, "epoch_samples": self.samples}
+
     def layouts(self, epoch: int, history: list[dict], workers: int) -> tuple[Layout, Layout, int]:
         """(base layout, this rank's current layout, samples dropped) of ``epoch`` after the resumes in ``history``."""
         return epoch_layouts(history, self.world_size, workers, self.batch_size, self.samples)
