@@ -75,9 +75,8 @@ class ShapeAutoencoder(RunState, L.LightningModule):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> Tensor:
         out = self.losses(batch, self.noise_generator())
         loss, b = out["loss"], len(batch["points"])
-        if guarded_step(self, loss, batch_size=b):
+        if guarded_step(self, loss, batch_size=b, shown={"train/iou": out["iou"].mean()}):
             self.codec.update_latent_scale(out["mean"])
-            self.log("train/iou", out["iou"].mean(), prog_bar=True, batch_size=b)
             self.log_dict({"train/bce": out["bce"].detach(), "train/kl": out["kl"].detach(),
                            "train/latent_scale": self.codec.latent_scale}, batch_size=b)
         return loss.detach()

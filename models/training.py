@@ -2,7 +2,8 @@
 
 - ``adamw_with_warmup``: AdamW with linear LR warm-up from an ``OptimConfig``, as Lightning's
   ``configure_optimizers`` returns it.
-- ``all_finite``: the collective non-finite check behind the skip-the-step guard.
+- ``all_finite``: the collective non-finite check behind the skip-the-step guard; the values the
+  progress bar shows ride along in its one host read.
 - ``guarded_step``: backward + (clip, step) or skip, with the counters and logs the guard callback reads.
 - ``rng_state`` / ``set_rng_state``: the global RNG streams, stored in checkpoints so a resumed
   run draws the same noise as an uninterrupted one.
@@ -16,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,9 +81,13 @@ def adamw_with_warmup(module: nn.Module, optim: OptimConfig) -> dict[str, Any]:
     return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
-def all_finite(loss: Tensor, parameters: Iterable[nn.Parameter]) -> bool:
+def all_finite(
+    loss: Tensor, parameters: Iterable[nn.Parameter], shown: Sequence[Tensor] = ()
+) -> tuple[bool, list[float]]:
     """True when the loss and every gradient are finite on EVERY rank (a rank skipping alone would
-    desynchronise DDP, so this is a collective decision)."""
+    desynchronise DDP, so this is a collective decision), and the values of `shown` (this rank's
+    scalars for the progress bar) read in the same host read: shown as device tensors, Lightning
+    would read each one again at every batch end and progress-bar refresh, a stall each."""
     ok = torch.isfinite(loss.detach()).all()
     grads = [p.grad for p in parameters if p.grad is not None]
     if grads:
@@ -93,24 +98,28 @@ def all_finite(loss: Tensor, parameters: Iterable[nn.Parameter]) -> bool:
     ok = ok.float().reshape(1)
     if dist.is_available() and dist.is_initialized():
         dist.all_reduce(ok, op=dist.ReduceOp.MIN)
-    return bool(ok.item() > 0)
+    flag, *values = torch.cat([ok, *(v.detach().float().reshape(1) for v in shown)]).tolist()
+    return flag > 0, values
 
 
-def guarded_step(module: Any, loss: Tensor, batch_size: int) -> bool:
+def guarded_step(module: Any, loss: Tensor, batch_size: int, shown: dict[str, Tensor] | None = None) -> bool:
     """Manual-optimization step of a LightningModule with `optim`, `nonfinite_streak`, `nonfinite_total`:
     backward, then clip + optimizer + LR step only when loss and gradients are finite on every rank;
     otherwise the update is skipped and counted (callbacks.guards stops a run of them). Returns
-    whether the update was applied (also `module.last_step_applied`)."""
+    whether the update was applied (also `module.last_step_applied`). The loss and `shown` (name ->
+    scalar) go to the progress bar as host values from the non-finite check's one read."""
     opt, sched = module.optimizers(), module.lr_schedulers()
     module.manual_backward(loss)
-    applied = all_finite(loss, module.parameters())
+    names = ["train/loss", *(shown or {})]
+    applied, values = all_finite(loss, module.parameters(), [loss, *(shown or {}).values()])
     if applied:
         if module.optim.grad_clip > 0:
             module.clip_gradients(opt, gradient_clip_val=module.optim.grad_clip, gradient_clip_algorithm="norm")
         opt.step()
         sched.step()
         module.nonfinite_streak = 0
-        module.log("train/loss", loss.detach(), prog_bar=True, batch_size=batch_size)
+        for name, value in zip(names, values):
+            module.log(name, torch.tensor(value), prog_bar=True, batch_size=batch_size)
     else:
         module.nonfinite_streak += 1
         module.nonfinite_total += 1

@@ -15,7 +15,9 @@ from typing import Any
 import lightning as L
 import pytest
 import torch
+from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.weak import WeakTensorKeyDictionary
 
 from datamodules.transforms import collate
 from models.backbone import MMDiTConfig
@@ -54,23 +56,30 @@ class HostReads(TorchDispatchMode):
         super().__init__()
         self.sites: list[str] = []
 
-    def _record(self) -> None:
-        """The innermost caller outside torch and this class, as "models/training.py:all_finite"."""
-        frames = [f for f in traceback.extract_stack()[:-2] if "/site-packages/" not in f.filename]
+    def free(self, t: torch.Tensor) -> bool:
+        """Whether reading `t` costs nothing (never, here: every read counts)."""
+        return False
+
+    def _record(self, t: torch.Tensor) -> None:
+        """The innermost caller outside torch and this file, as "models/training.py:all_finite" (or a
+        Lightning function)."""
+        if self.free(t):
+            return
+        frames = [f for f in traceback.extract_stack() if "/torch/" not in f.filename and f.filename != __file__]
         self.sites.append("/".join(frames[-1].filename.rsplit("/", 2)[-2:]) + f":{frames[-1].name}")
 
     def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
         name = func.overloadpacket.__name__
         bool_index = name == "index" and any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in args[1])
         if name in self.OPS or bool_index:
-            self._record()
+            self._record(args[0])
         return func(*args, **(kwargs or {}))
 
     def __enter__(self) -> "HostReads":
         self._patched = {name: getattr(torch.Tensor, name) for name in ("tolist", "numpy")}
         for name, original in self._patched.items():
             def read(t: torch.Tensor, *a: Any, _original: Any = original, **k: Any) -> Any:
-                self._record()
+                self._record(t)
                 return _original(t, *a, **k)
             setattr(torch.Tensor, name, read)
         return super().__enter__()
@@ -79,6 +88,30 @@ class HostReads(TorchDispatchMode):
         for name, original in self._patched.items():
             setattr(torch.Tensor, name, original)
         super().__exit__(*exc)
+
+
+class DeviceReads(HostReads):
+    """Host reads of values computed from the parameters or the batch: on a GPU each one waits for it.
+    Values made on the host (a Python number made a tensor, and what is computed from such values
+    alone) are free to read. A CPU-only proof of which reads would stall a GPU."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host = WeakTensorKeyDictionary()
+
+    def free(self, t: torch.Tensor) -> bool:
+        return t in self.host
+
+    def __torch_dispatch__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        out = super().__torch_dispatch__(func, types, args, kwargs)
+        inputs = [t for t in pytree.tree_leaves((args, kwargs or {})) if isinstance(t, torch.Tensor)]
+        host = func.overloadpacket.__name__ == "lift_fresh" or all(t in self.host for t in inputs)
+        for t in pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor) and host:
+                self.host[t] = True
+            elif isinstance(t, torch.Tensor):
+                self.host.pop(t, None)  # an in-place op on a host value with a device input
+        return out
 
 
 class CountingFlow(ImageFlow):
@@ -140,3 +173,39 @@ def test_cuda_training_step_syncs_once() -> None:
     model.training_step = counted
     fit(model, [0, 1, 2, 0, 1, 2, 0, 1])
     assert [len(s) for s in syncs] == [1, 1], syncs
+
+
+def image_run() -> tuple[L.LightningModule, list]:
+    model = tiny(ClassLabel(3))
+    return model, [{"x": torch.rand(3, 8, 8) * 2 - 1, "cls": i % 3, "txt": "a"} for i in range(12)]
+
+
+def shape_run() -> tuple[L.LightningModule, list]:
+    from models.shape_autoencoder import ShapeAutoencoder
+    from tests.test_shape import TINY_AE, shape_synthetic_samples
+
+    return ShapeAutoencoder(TINY_AE), shape_synthetic_samples(12, points=32, queries=32)
+
+
+@pytest.mark.parametrize("bar", ["rich", "tqdm"])
+@pytest.mark.parametrize("run", [image_run, shape_run], ids=["image", "shape"])
+def test_whole_loop_reads_one_device_value_per_step_with_bar_and_logger(run: Any, bar: str, tmp_path: Any) -> None:
+    """Around the step too: Lightning reads every progress-bar value at each batch end and bar refresh,
+    and loggers read their values at each log step. The values shown (the loss, the shape autoencoder's
+    IoU) come to the host with the non-finite check's one read, so they cost no stall. (The shape
+    autoencoder also logs device values that its logger reads every `log_every_n_steps`; the image
+    run logs at every step here, all host values.)"""
+    from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model, data = run()
+    trainer = L.Trainer(max_steps=3, accelerator="cpu", devices=1, logger=CSVLogger(tmp_path),
+                        log_every_n_steps=1 if run is image_run else 50, enable_checkpointing=False,
+                        enable_model_summary=False,
+                        callbacks=[RichProgressBar() if bar == "rich" else TQDMProgressBar(refresh_rate=1)])
+    with DeviceReads() as reads:
+        trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=4, collate_fn=collate))
+    assert reads.sites == ["models/training.py:all_finite"] * 3
+    shown = trainer.progress_bar_metrics["train/loss"]
+    assert isinstance(shown, float) and shown == pytest.approx(float(trainer.callback_metrics["train/loss"]))

@@ -246,11 +246,27 @@ def test_latent_transform() -> None:
 # ---------------------------------------------------------------- the codec and its training
 
 
-def shape_batch(n: int, points: int = 128, queries: int = 128, seed: int = 0) -> dict:
+def shape_synthetic_samples(n: int, points: int = 128, queries: int = 128, seed: int = 0) -> list[dict]:
+    """n procedural shapes as the training transform gives them (a dataset's samples)."""
     t = ShapeTransform(points=points, queries=queries)
     torch.manual_seed(seed)
-    samples = [t({"__key__": s["__key__"], **s}) for s in synthetic_shapes(n, seed=seed, points=points, queries=queries)]
-    return collate(samples)
+    return [t({"__key__": s["__key__"], **s}) for s in synthetic_shapes(n, seed=seed, points=points, queries=queries)]
+
+
+def shape_batch(n: int, points: int = 128, queries: int = 128, seed: int = 0) -> dict:
+    return collate(shape_synthetic_samples(n, points, queries, seed))
+
+
+def test_latent_scale_is_a_running_mean_then_an_ema() -> None:
+    """Rates 1, 1/2, 1/3 (the mean of the RMS values so far) until 1/(n+1) falls below the momentum."""
+    codec = ShapeCodec(TINY_AE)
+    expected = 0.0
+    for n, rms in enumerate([2.0, 4.0, 6.0, 8.0, 10.0]):
+        codec.update_latent_scale(torch.full((1, 8, 4), rms), momentum=0.25)
+        expected += max(0.25, 1 / (n + 1)) * (rms - expected)
+        assert float(codec.latent_scale) == pytest.approx(expected, rel=1e-6)
+    assert float(codec.latent_scale) == pytest.approx(4.0 + 0.25 * (8 - 4.0) + 0.25 * (10 - 5.0))
+    assert int(codec.scale_updates) == 5
 
 
 def test_codec_shapes_scale_and_chunking() -> None:

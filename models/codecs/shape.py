@@ -116,9 +116,10 @@ class ShapeCodec(nn.Module):
 
     @torch.no_grad()
     def update_latent_scale(self, mean: Tensor, momentum: float = 0.01) -> None:
-        """Track the RMS of unscaled posterior means: a running mean at first, then an EMA with ``momentum``."""
+        """Track the RMS of unscaled posterior means: a running mean at first, then an EMA with ``momentum``.
+        The rate is computed where the counter lives (read on the host, it would stall a GPU each step)."""
         rms = mean.detach().float().pow(2).mean().sqrt()
-        rate = max(momentum, 1.0 / float(self.scale_updates + 1))
+        rate = (1.0 / (self.scale_updates + 1).to(self.latent_scale)).clamp(min=momentum)
         self.latent_scale.lerp_(rms.to(self.latent_scale), rate)
         self.scale_updates += 1
 
