@@ -150,6 +150,30 @@ def profile_top(step, k: int) -> str:
     return prof.key_averages().table(sort_by=key, row_limit=k)
 
 
+LIBRARY_OPS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "scaled_dot_product")
+"""Matmul and attention library kernels: the same calls in any implementation of one architecture."""
+
+
+def library_share(step, iters: int = 3) -> tuple[float, float, float]:
+    """(seconds per step, of which in LIBRARY_OPS, of which in the optimizer step) from CPU self times
+    over `iters` profiled steps.
+
+    Matmul/attention calls and an optimizer both sides share are fixed costs; what is left
+    (elementwise, norms, Python) is all a model's own code can change, so (library + optimizer) /
+    (a peer's step time) is the lowest step-time ratio any rewrite could reach. CPU only: on a GPU
+    the profiler's rows mix ops and kernels (use flops.py's kernel table there)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(iters):
+            step()
+    events = prof.key_averages()
+    total = sum(e.self_cpu_time_total for e in events)
+    library = sum(e.self_cpu_time_total for e in events if any(k in e.key for k in LIBRARY_OPS))
+    optimizer = sum(e.cpu_time_total for e in events if e.key.startswith("Optimizer.step#"))
+    return total / iters / 1e6, library / iters / 1e6, optimizer / iters / 1e6
+
+
 def mib(nbytes: float) -> float:
     return nbytes / 2**20
 

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from bench_path import REPO  # noqa: F401  (puts the repo root on sys.path)
-from common import DTYPES, interleaved, median, median_ratio, mib, peak_memory, profile_top, report, table
+from common import (DTYPES, interleaved, library_share, median, median_ratio, mib, peak_memory, profile_top, report,
+                    table)
 from models.attention import resolve_backend
 from models.backbone import MMDiT, MMDiTConfig
 from models.tokenizers.image import ImagePatches
@@ -92,8 +93,8 @@ def n_params(m: nn.Module) -> int:
     return sum(q.numel() for q in m.parameters())
 
 
-def make_step(model: nn.Module, call, target: Tensor):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+def make_step(model: nn.Module, call, target: Tensor, fused: bool = False):
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=fused or None)
 
     def step() -> None:
         loss = F.mse_loss(call().float(), target)
@@ -115,6 +116,9 @@ def main() -> None:
     ap.add_argument("--profile", type=int, default=0, help="print the top-K ops of one step of each model")
     ap.add_argument("--compile", action="store_true", help="ours with MMDiTConfig.compile=True (per-block torch.compile)")
     ap.add_argument("--peer-compile", action="store_true", help="the peer's blocks torch.compile'd the same way")
+    ap.add_argument("--trainer-optimizers", action="store_true",
+                    help="each trainer's own AdamW instead of the same one: ours fused (models.training."
+                         "adamw_with_warmup), the peer torch's default (as diffusers' training scripts build it)")
     args = ap.parse_args()
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
     p = PRESETS[args.preset or ("gpu" if device.type == "cuda" else "cpu")]
@@ -133,7 +137,7 @@ def main() -> None:
     target = torch.randn(x.shape, device=device)
 
     steps = {
-        "ours": make_step(ours, lambda: ours(x, ctx, pooled, t.to(dtype)), target),
+        "ours": make_step(ours, lambda: ours(x, ctx, pooled, t.to(dtype)), target, fused=args.trainer_optimizers),
         "diffusers": make_step(peer, lambda: peer(x, ctx, pooled, (1000 * t).to(dtype), return_dict=False)[0], target),
     }
     times = interleaved(steps, args.iters, args.warmup, device)
@@ -153,17 +157,27 @@ def main() -> None:
         f"\n\n**median step-time ratio ours/diffusers = {ratio:.3f}** over {args.iters} interleaved rounds"
         f" (bar <= 0.9); peak-memory ratio ours/diffusers = {mem['ours'] / mem['diffusers']:.3f}"
     )
+    if device.type == "cpu":
+        share = {name: library_share(fn) for name, fn in steps.items()}
+        floor = sum(share["ours"][1:]) / share["diffusers"][0]
+        body += "\n\nprofiled (3 steps each, CPU self time): " + "; ".join(
+            f"{name} {total * 1e3:.0f} ms/step: {lib / total:.1%} matmul/attention library calls, "
+            f"{opt / total:.1%} AdamW step, {1 - (lib + opt) / total:.1%} the model's own code"
+            for name, (total, lib, opt) in share.items())
+        body += ("\n\nlowest ratio ours/diffusers any rewrite of ours could reach (its library calls and AdamW step "
+                 f"alone, everything else free, vs the peer's whole step): **{floor:.3f}**")
     if args.profile:
         for name, fn in steps.items():
             body += f"\n\nprofile of one {name} step (top {args.profile} by self time):\n\n```\n{profile_top(fn, args.profile)}```"
     config = dict(
-        **p, tokens=tokens, dtype=args.dtype, optimizer="AdamW",
+        **p, tokens=tokens, dtype=args.dtype,
+        optimizer="ours AdamW(fused=True), peer AdamW()" if args.trainer_optimizers else "AdamW() both",
         ours_attention=resolve_backend(device, "auto"), peer_last_block="stock" if args.peer_stock_last else "full",
         ours_compile=args.compile, peer_compile=args.peer_compile,
         memory="torch.cuda.max_memory_allocated" if device.type == "cuda" else "torch.profiler memory events",
     )
-    suffix = ("_stock" if args.peer_stock_last else "") + ("_compile" if args.compile else "") + (
-        "_peercompile" if args.peer_compile else "")
+    suffix = "".join(name for name, on in [("_trainers", args.trainer_optimizers), ("_stock", args.peer_stock_last),
+                                           ("_compile", args.compile), ("_peercompile", args.peer_compile)] if on)
     report("step_vs_diffusers" + suffix, device, config, body)
 
 

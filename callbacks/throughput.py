@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import lightning as L
+import torch
 
 from models.training import require_run_state
 
@@ -54,5 +55,6 @@ class Throughput(L.Callback):
         }
         if self.peak_flops:
             metrics["perf/mfu"] = self.flops / dt / self.peak_flops
-        pl_module.log_dict(metrics, batch_size=max(b, 1))
+        # CPU tensors: Lightning would copy each Python float to the device, a blocking copy (a sync) each
+        pl_module.log_dict({k: torch.tensor(v) for k, v in metrics.items()}, batch_size=max(b, 1))
         self.t0, self.samples, self.tokens, self.flops, self.padded, self.steps = time.perf_counter(), 0, 0, 0.0, 0, 0
