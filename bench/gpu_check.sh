@@ -26,13 +26,14 @@ if [ -n "$DRY" ]; then  # the same steps at toy sizes on the CPU, reports into R
   DEV="--device cpu --dtype fp32"; TOK="--tokens 64 128 --batch 2 --iters 2 --warmup 1"
   STEP="--preset cpu --iters 2 --warmup 1"; FLOPS="--dim 64 --heads 4 --depth-dual 1 --depth-single 1 --tokens 64 --ctx 8 --batch 1 --iters 2"
   LAT="--samples 32 --rounds 2 --image-size 32 --pixel-size 16 --pixel-patch 4"; XF="--tokens 64 --iters 2"
-  TESTS="tests/test_compile.py"
+  TESTS="tests/test_compile.py"; LIGHT="--device cpu --preset cpu --steps 2 --warmup 1 --rounds 1"
 else
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$RESULTS/gpu.txt"
   DEV="--device cuda --dtype bf16"; TOK="--heads 16 --tokens 1024 4096 --batch 4 --iters 20 --warmup 3"
   STEP="--preset gpu --iters 20"; FLOPS="--dim 2048 --heads 16 --depth-dual 6 --depth-single 8 --tokens 4096 --ctx 256 --batch 4 --iters 10 --peak-tflops 989 --compile --profile 25"
   LAT="--image-size 256 --samples 512 --encode-batch 32 --pixel-size 128 --pixel-patch 4 --dim 1024 --heads 16 --batch 64"; XF="--tokens 1024 --iters 10"
   TESTS="tests/test_attention.py tests/test_blocks.py tests/test_backbone.py tests/test_compile.py tests/test_host_syncs.py"
+  LIGHT="--device cuda --preset gpu --compile --steps 10 --warmup 3 --rounds 2 --peak-tflops 989"
 fi
 # 1. xformers for real: what it says about itself, and one call per fMHA op (errors recorded)
 run 60 $PY -m xformers.info > "$RESULTS/xformers-info.txt" 2>&1 || true
@@ -47,5 +48,7 @@ run 60 $PY bench/step_vs_diffusers.py $DEV $STEP
 run 120 $PY bench/flops.py $DEV $FLOPS
 # 5. the product path on the GPU: encode throughput, cached-latent step vs pixels, the loader
 run 60 $PY bench/latents.py $DEV $LAT
+# last: a whole Lightning fit of the 330M model, compiled (the product path vs the bare step, item 4)
+run 120 $PY bench/lightning_step.py $LIGHT
 [ -z "$DRY" ] && cp bench/results/*-cuda.md "$RESULTS"/ 2>/dev/null
 ls "$RESULTS"
