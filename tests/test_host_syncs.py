@@ -209,3 +209,43 @@ def test_whole_loop_reads_one_device_value_per_step_with_bar_and_logger(run: Any
     assert reads.sites == ["models/training.py:all_finite"] * 3
     shown = trainer.progress_bar_metrics["train/loss"]
     assert isinstance(shown, float) and shown == pytest.approx(float(trainer.callback_metrics["train/loss"]))
+
+
+class SyncWindow(L.Callback):
+    """torch's sync detector on from the start of step `first` to the start of step `last`: whole steps,
+    with every hook, the progress bar and the logger between them."""
+
+    def __init__(self, first: int, last: int) -> None:
+        self.first, self.last = first, last
+        self.caught: list[str] = []
+        self._recorder: Any = None
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
+        if trainer.global_step == self.first:
+            torch.cuda.synchronize()
+            self._recorder = warnings.catch_warnings(record=True)
+            self._log = self._recorder.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+        elif trainer.global_step == self.last and self._recorder is not None:
+            torch.cuda.set_sync_debug_mode("default")
+            self._recorder.__exit__(None, None, None)
+            self.caught = [str(w.message)[:120] for w in self._log if "synchroniz" in str(w.message)]
+            self._recorder = None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (sync debug mode)")
+def test_cuda_whole_loop_syncs_once_per_step_with_bar_and_logger(tmp_path: Any) -> None:
+    """The CUDA side of the whole-loop test above: steps 2 and 3 with a progress bar and a logger at every
+    step, one sync each (the non-finite check); Lightning moves the batch with non_blocking copies."""
+    from lightning.pytorch.callbacks import TQDMProgressBar
+    from lightning.pytorch.loggers import CSVLogger
+
+    torch.manual_seed(0)
+    model, data = image_run()
+    window = SyncWindow(first=2, last=4)
+    trainer = L.Trainer(max_steps=5, accelerator="gpu", devices=1, logger=CSVLogger(tmp_path), log_every_n_steps=1,
+                        enable_checkpointing=False, enable_model_summary=False,
+                        callbacks=[TQDMProgressBar(refresh_rate=1), window])
+    trainer.fit(model, torch.utils.data.DataLoader(data * 2, batch_size=4, collate_fn=collate))
+    assert len(window.caught) == 2, window.caught
