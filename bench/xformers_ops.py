@@ -12,7 +12,7 @@ import math
 import torch
 
 from bench_path import REPO  # noqa: F401
-from common import DTYPES, median, parser, report, table
+from common import DTYPES, interleaved, median, parser, report, table
 from models.attention import attention
 from models.packing import Layout
 
@@ -60,21 +60,11 @@ def main() -> None:
                 err = max((out.float() - ref).abs().max().item(),
                           *((a.grad.float() - r.grad).abs().max().item() / max(r.grad.abs().max().item(), 1e-12)
                             for a, r in ((q, ref_q), (k, ref_k), (v, ref_v))))
-                times = []
-                for _ in range(args.iters):
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    start = torch.cuda.Event(enable_timing=True) if device.type == "cuda" else None
-                    import time
+                def fwd_bwd() -> None:
+                    xops.memory_efficient_attention(q, k, v, attn_bias=bias, op=fw_bw).sum().backward()
 
-                    t0 = time.perf_counter()
-                    o = xops.memory_efficient_attention(q, k, v, attn_bias=bias, op=fw_bw)
-                    o.sum().backward()
-                    if device.type == "cuda":
-                        torch.cuda.synchronize()
-                    times.append((time.perf_counter() - t0) * 1e3)
-                    del start
-                rows.append([op, shape_name, "yes", "", f"{err:.2e}", median(times)])
+                times = interleaved({op: fwd_bwd}, args.iters, 1, device)[op]
+                rows.append([op, shape_name, "yes", "", f"{err:.2e}", median(times) * 1e3])
             except Exception as e:
                 text = " ".join(str(e).split())
                 why = text if len(text) < 260 else f"{text[:100]} ... {text[-150:]}"  # the reasons come last
