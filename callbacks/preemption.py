@@ -201,6 +201,18 @@ class Preemption(L.Callback):
                 return os.path.join(cb.dirpath, cb.CHECKPOINT_NAME_LAST + cb.FILE_EXTENSION)
         return os.path.join(trainer.default_root_dir, "checkpoints", "last.ckpt")
 
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """A fit that raises skips `teardown`, and Lightning's own teardown then re-installs what it found
+        when it registered its handlers: ours. Restore the handlers from before the fit and make Lightning
+        restore those too, so a later SIGTERM to this process (a test session, a notebook) is not swallowed."""
+        previous = dict(self._previous)
+        self.restore_handlers()
+        remembered = getattr(getattr(trainer, "_signal_connector", None), "_original_handlers", None)
+        if isinstance(remembered, dict):  # a private attribute of Lightning's: left alone if it ever changes
+            for sig, handler in previous.items():
+                if remembered.get(sig) == self._record:
+                    remembered[sig] = handler if handler is not None else signal.SIG_DFL
+
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if self.stopped_at is None:
             self.restore_handlers()

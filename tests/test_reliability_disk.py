@@ -120,14 +120,16 @@ def test_a_failed_preemption_save_stops_with_checkpoint_not_saved(tmp_path: Path
                 preemption.received = signal.SIGTERM
 
     preemption, before = Preemption(requeue=False), signal.getsignal(signal.SIGTERM)
+    before_usr1 = signal.getsignal(signal.SIGUSR1)
     trainer = L.Trainer(max_steps=20, accelerator="cpu", logger=False, enable_progress_bar=False,
                         enable_model_summary=False, default_root_dir=tmp_path, plugins=[FullDiskAt({3})],
                         callbacks=[Signal(), preemption, RunCheckpoint(every_n_train_steps=2)])
     with pytest.raises(CheckpointNotSaved, match="preemption save at step 3 failed, the job is not requeued"):
         trainer.fit(Linear(), ShardDataModule(str(image_shards), batch_size=8, num_workers=0))
     assert torch.load(tmp_path / "checkpoints/last.ckpt", weights_only=False)["global_step"] == 2
-    for sig in (signal.SIGTERM, signal.SIGUSR1):  # Lightning's teardown put Preemption's handler back: a pool
-        signal.signal(sig, before)  # forked later in this session would ignore terminate() and hang
+    # the handlers from before the fit are back (with Preemption's left behind, a pool forked later in this
+    # session would ignore terminate() and hang)
+    assert signal.getsignal(signal.SIGTERM) == before and signal.getsignal(signal.SIGUSR1) == before_usr1
 
 
 DDP_SCRIPT = """
