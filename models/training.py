@@ -102,6 +102,20 @@ def all_finite(
     return flag > 0, values
 
 
+def clip_gradients(module: Any, optimizer: Any, max_norm: float) -> None:
+    """Scale the gradients so their global 2-norm is at most `max_norm`.
+
+    Under FSDP the root FSDP module clips, because its norm covers every rank's shard. Lightning's FSDP
+    precision plugin refuses norm clipping, and torch's `clip_grad_norm_` would only see this rank's
+    shard. Everywhere else, Lightning's clipping runs (its precision plugins unscale first where needed)."""
+    trainer = getattr(module, "_trainer", None)  # None outside a Trainer (module.trainer would raise)
+    root = getattr(getattr(trainer, "strategy", None), "model", None)
+    if root is not module and callable(getattr(root, "clip_grad_norm_", None)):
+        root.clip_grad_norm_(max_norm)
+    else:
+        module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
+
+
 def guarded_step(module: Any, loss: Tensor, batch_size: int, shown: dict[str, Tensor] | None = None) -> bool:
     """Manual-optimization step of a LightningModule with `optim`, `nonfinite_streak`, `nonfinite_total`:
     backward, then clip + optimizer + LR step only when loss and gradients are finite on every rank;
@@ -114,7 +128,7 @@ def guarded_step(module: Any, loss: Tensor, batch_size: int, shown: dict[str, Te
     applied, values = all_finite(loss, module.parameters(), [loss, *(shown or {}).values()])
     if applied:
         if module.optim.grad_clip > 0:
-            module.clip_gradients(opt, gradient_clip_val=module.optim.grad_clip, gradient_clip_algorithm="norm")
+            clip_gradients(module, opt, module.optim.grad_clip)
         opt.step()
         sched.step()
         module.nonfinite_streak = 0
