@@ -1,7 +1,9 @@
 """Exponential moving average of the weights: used for sampling and saved in every checkpoint.
 
 The average lives in the checkpoint under `ema_state_dict`, so `app sample` and a resumed run
-get it back from the checkpoint file alone.
+get it back from the checkpoint file alone. Under FSDP each rank averages its own shards; the
+checkpoint holds the gathered full tensors under the unwrapped model's names (callbacks/sharded.py),
+so a run resumed on another world size, or without FSDP, reads the same average.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import lightning as L
 import torch
 from torch import Tensor
 
+from callbacks.sharded import fsdp_root, gather_full, shard_full
 from models.training import require_run_state
 
 CKPT_KEY = "ema_state_dict"
@@ -78,12 +81,16 @@ class EMA(L.Callback):
                     p.copy_(backup[n])
 
     def on_save_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
-        checkpoint[CKPT_KEY] = {n: v.detach().cpu().clone() for n, v in self.shadow.items()}
+        root = fsdp_root(trainer)  # every rank saves (Lightning's FSDP checkpoint is collective), so may gather
+        shadow = self.shadow if root is None else gather_full(root, pl_module, self.shadow)
+        checkpoint[CKPT_KEY] = {n: v.detach().cpu().clone() for n, v in shadow.items()}
         checkpoint["ema_updates"] = self.updates
 
     def on_load_checkpoint(self, trainer: L.Trainer, pl_module: L.LightningModule, checkpoint: dict) -> None:
         if CKPT_KEY in checkpoint:
-            self.shadow = {n: v.float() for n, v in checkpoint[CKPT_KEY].items()}
+            full = {n: v.float() for n, v in checkpoint[CKPT_KEY].items()}
+            root = fsdp_root(trainer)  # FSDP restores after wrapping the model: shard the average like it
+            self.shadow = full if root is None else {n: v.float() for n, v in shard_full(root, pl_module, full).items()}
             self.updates = int(checkpoint.get("ema_updates", 0))
 
 

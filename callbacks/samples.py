@@ -10,13 +10,14 @@ own words, the same at every preview. They are logged once, written beside each 
 from __future__ import annotations
 
 import logging
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import lightning as L
-from lightning.pytorch.utilities import rank_zero_only
 
 from callbacks.ema import find_ema
+from callbacks.sharded import all_ranks_run, runnable
 from datamodules.shards import ShardDataModule
 from models.conditioning import TextConditionModule
 
@@ -81,22 +82,22 @@ class SamplePreview(L.Callback):
     def out_dir(self, trainer: L.Trainer) -> Path:
         return Path(trainer.default_root_dir) / "samples"
 
-    @rank_zero_only
     def preview(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[Path]:
-        if trainer.global_step == self.last_step:
+        """Sample and write the previews (rank 0). Under FSDP every rank samples, since each block gathers
+        its weights collectively; rank 0 writes."""
+        if not (trainer.is_global_zero or all_ranks_run(trainer)) or trainer.global_step == self.last_step:
             return []
         self.last_step = trainer.global_step
         was_training = pl_module.training
         pl_module.eval()
         ema = find_ema(trainer)
         try:
-            if ema is not None:
-                with ema.swapped(pl_module):
-                    x, cond = self.generate(pl_module)
-            else:
+            with ema.swapped(pl_module) if ema is not None else nullcontext(), runnable(trainer):
                 x, cond = self.generate(pl_module)
         finally:
             pl_module.train(was_training)
+        if not trainer.is_global_zero:
+            return []
         prefix = f"step{trainer.global_step:07d}"
         paths = pl_module.save_media(x, self.out_dir(trainer), prefix=prefix)
         prompts = list(cond["txt"]) if "txt" in cond else None

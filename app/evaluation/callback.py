@@ -15,11 +15,11 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_only
 
 from app.evaluation.modalities import evaluator_for
 from app.evaluation.run import evaluate_generator
 from callbacks.ema import find_ema
+from callbacks.sharded import all_ranks_run, runnable
 from datamodules.shards import read_samples
 
 log = logging.getLogger("duoflow.eval")
@@ -64,8 +64,11 @@ class Evaluation(L.Callback):
         self.held_out = read_samples(self.data, self.evaluator.transform(), self.num)
         self.reference = self.evaluator.reference(self.held_out)
 
-    @rank_zero_only
     def evaluate(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, float]:
+        """Score samples of the (EMA) model against the held-out data; rank 0 logs. Under FSDP every rank
+        runs it (each block gathers its weights collectively), with the same seeds."""
+        if not (trainer.is_global_zero or all_ranks_run(trainer)):
+            return {}
 
         if trainer.global_step == self.last_step:
             return self.last_scores
@@ -75,11 +78,13 @@ class Evaluation(L.Callback):
                 self.setup_evaluator(trainer, pl_module)
             ema = find_ema(trainer)
             swap = ema.swapped(pl_module) if ema is not None else nullcontext()
-            with swap:
+            with swap, runnable(trainer):
                 scores = evaluate_generator(self.evaluator, pl_module, self.held_out, self.reference,
                                             len(self.held_out["__key__"]), self.steps, self.cfg_scale, self.seed,
                                             self.batch_size, progress=False)
         self.last_scores = scores
+        if not trainer.is_global_zero:
+            return scores
         metrics = {f"eval/{k}": v for k, v in scores.items()}
         for logger in trainer.loggers:
             logger.log_metrics(metrics, step=trainer.global_step)
