@@ -1,4 +1,4 @@
-"""Checkpoints that are never half-written: temporary file, fsync, atomic rename.
+"""Checkpoints that are never half-written: temporary file, fsync, atomic rename (datamodules/media/files.py).
 
 A process killed while saving leaves the previous checkpoint intact and loadable; a save that fails (a full
 disk, a file-size limit) removes its temporary file and raises the OSError itself, whose errno says why (torch
@@ -6,36 +6,28 @@ reports a failed write as a RuntimeError of its own; callbacks/checkpoint.py dec
 
 from __future__ import annotations
 
-import glob
 import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
+from datamodules.media.files import atomic_write, temporaries
 from models.checkpoints import reading_as_data
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
+    """torch.save through `atomic_write` (the file object keeps the OSError of a failed write reachable)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "wb") as f:
             torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)  # make the rename itself durable
-        finally:
-            os.close(dir_fd)
+
+    try:
+        atomic_write(path, write)
     except BaseException as exn:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
         cause = write_error(exn)
         if cause is not None and cause is not exn:
             raise OSError(cause.errno, cause.strerror, str(path)) from exn
@@ -56,7 +48,7 @@ def write_error(exn: BaseException) -> OSError | None:
 def remove_stale_temporaries(path: Path) -> list[Path]:
     """Delete the temporary files an earlier save of `path` left when its process was killed mid-write
     (one writer per checkpoint path, so after our own save completed any other is stale)."""
-    stale = [p for p in path.parent.glob(f".{glob.escape(path.name)}.*.tmp") if p.is_file()]
+    stale = temporaries(path)
     for p in stale:
         p.unlink(missing_ok=True)
     return stale

@@ -225,10 +225,9 @@ def media_options(transform: SampleTransform) -> dict[str, Any]:
 def write_atomic(path: Path, text: str) -> None:
     """Write text to path through a unique temporary file and a rename: readers never see half a file, and
     two ranks finishing at once may both write the same content."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    from datamodules.media.files import atomic_write_text
+
+    atomic_write_text(path, text)
 
 
 JOB_NAME = "encode-job.json"

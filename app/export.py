@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 
 from app.errors import UserError
 from app.sample import load_generator, read_checkpoint, run_config
+from datamodules.media.files import atomic_write
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -44,12 +45,7 @@ def export(ckpt_path: str | Path, out: str | Path, ema: bool = True) -> Path:
         "duoflow_weights": "ema" if used_ema else "raw",
         "duoflow_step": str(ckpt.get("global_step", "")),
     }
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
-    tmp.replace(out)
-    return out
+    return atomic_write(out, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def load_exported(path: str | Path):

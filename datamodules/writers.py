@@ -33,6 +33,7 @@ from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
 from datamodules.decoders import IMAGE_EXTENSIONS, BadSample, decode_image
+from datamodules.media.files import atomic_write_text
 from datamodules.sources import MediaFile, Report, Skipped, find_sources, split_folders, split_of
 
 log = logging.getLogger(__name__)
@@ -152,7 +153,7 @@ def write_index(paths: list[str], counts: list[int]) -> None:
         shards = json.loads(index_path.read_text()).get("shards", {})
     shards.update({Path(p).name: n for p, n in zip(paths, counts)})
     shards = {name: n for name, n in sorted(shards.items()) if (folder / name).exists()}
-    index_path.write_text(json.dumps({"shards": shards}, indent=1, sort_keys=True) + "\n")
+    atomic_write_text(index_path, json.dumps({"shards": shards}, indent=1, sort_keys=True) + "\n")  # never torn
 
 
 def write_classes(out: str, names: list[str]) -> None:

@@ -28,6 +28,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from app.evaluation.metrics import accuracy
+from datamodules.media.files import atomic_write
 from datamodules.shards import expand_shards, read_samples
 from datamodules.transforms import ImageTransform, SampleTransform
 
@@ -164,10 +165,7 @@ def train_feature_net(shards: str | list[str], num_classes: int, size: int, step
 
 def save_feature_net(net: FeatureNet, path: str | Path) -> None:
     """State dict + meta (plain types only: loadable with weights_only=True); written atomically."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
-    torch.save({"state_dict": net.state_dict(), "meta": net.meta}, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: torch.save({"state_dict": net.state_dict(), "meta": net.meta}, tmp))
 
 
 def load_feature_net(path: str | Path) -> FeatureNet:

@@ -13,11 +13,12 @@ those of the union. ``std`` is the population standard deviation (divides by the
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import torch
 from torch import Tensor
+
+from datamodules.media.files import atomic_write_text
 
 
 def _per_channel(v: Tensor, z: Tensor, channel_dim: int) -> Tensor:
@@ -90,9 +91,7 @@ class LatentStats:
         """
         mean, std = self.result()
         data = {"count": self.count, "mean": mean.tolist(), "std": std.tolist(), "fingerprint": fingerprint}
-        tmp = Path(f"{path}.{os.getpid()}.tmp")  # unique: two ranks may save the same merged file
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(data, indent=1))  # two ranks may save the same merged file at once
 
     @classmethod
     def load(cls, path: str) -> tuple[LatentStats, str | None]:
