@@ -33,7 +33,6 @@ def parse(argv: list[str]) -> argparse.Namespace:
                      help="the unit of the mesh files, with a numeric --scale (default m)")
     shp.add_argument("--min-inside", type=float, default=0.01,
                      help="warn about (and count) meshes with fewer queries inside than this fraction (default 0.01)")
-    shp.add_argument("--workers", type=int, default=1, help="processes reading meshes in parallel (default 1)")
     enc = sub.add_parser(
         "encode-shapes", help="shape shards -> latent shards for ShapeFlow, with a trained shape autoencoder",
         description="Encode every shape of SRC (written by `shards shapes` or `shards synthetic shape`) to its latent "
@@ -77,11 +76,14 @@ FOLDER_RULES = ("With class sub-folders, class ids are the sorted folder names (
 
 
 def add_folder_options(p: argparse.ArgumentParser, noun: str) -> None:
-    """OUT, --captions and --holdout: the same meaning for every folder command (datamodules/sources.py)."""
+    """OUT, --captions, --holdout and --workers: the same meaning for every folder command (datamodules/sources.py,
+    datamodules/writers.py: ingest)."""
     p.add_argument("out", help="output folder for the shards (with --holdout: OUT/train and OUT/holdout)")
     p.add_argument("--captions", default=None, help="caption manifest: .csv (header: path,caption[,class]) or .jsonl")
     p.add_argument("--holdout", type=float, default=0.0,
                    help=f"fraction of {noun} (by a hash of their path) written to OUT/holdout, the rest to OUT/train")
+    p.add_argument("--workers", type=int, default=1,
+                   help=f"processes reading {noun} in parallel; the shards are the same for any number (default 1)")
 
 
 def add_media_parsers(sub: argparse._SubParsersAction) -> None:
@@ -178,7 +180,6 @@ def add_clip_parsers(sub: argparse._SubParsersAction) -> None:
         p.add_argument("--max-frames-read", type=int, default=100_000,
                        help="source frames decoded per video at most; a longer one gives the clips of its first frames "
                             "and is named as cut short (default 100000)")
-        p.add_argument("--workers", type=int, default=1, help="processes decoding files in parallel (default 1)")
         p.add_argument("--shard-size", type=int, default=100, help="clips per shard (default 100; npy clips are large)")
         p.add_argument("--prefix", default=name.rstrip("s"), help=f"shard file name prefix (default {name.rstrip('s')})")
 
@@ -200,7 +201,7 @@ def main(argv: list[str]) -> int:
     args = parse(argv)
     if args.source == "images":
         paths = writers.write_image_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                                           captions=args.captions, holdout=args.holdout)
+                                           captions=args.captions, holdout=args.holdout, workers=args.workers)
     elif args.source == "audio":
         from datamodules.audio import write_audio_folder  # torchaudio only when sharding audio
         from datamodules.audio_clips import AudioClipOptions
@@ -208,7 +209,7 @@ def main(argv: list[str]) -> int:
         clips = AudioClipOptions(max_seconds=args.max_seconds, min_seconds=args.min_seconds, sample_rate=args.sample_rate,
                                  loudness=args.loudness, silence_db=args.silence_db)
         paths = write_audio_folder(args.src, args.out, shard_size=args.shard_size, prefix=args.prefix,
-                                   captions=args.captions, holdout=args.holdout, clips=clips)
+                                   captions=args.captions, holdout=args.holdout, clips=clips, workers=args.workers)
     elif args.source == "shapes":
         from datamodules.ingest_mesh import MeshOptions, write_mesh_folder
 

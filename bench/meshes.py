@@ -4,7 +4,7 @@ the agreement of their labels, and files/s of ``shards shapes`` with 1 and 2 wor
 Meshes (tests/meshes.py, written as OBJ and read back as sharding reads them): "realistic" is a sphere,
 a ring torus around it and an open tube below (9,088 faces, three parts, not watertight); "large" is
 the same at finer tessellation (48,896 faces); "tube" is the open tube alone. Per mesh, one pass of
-ingest_mesh.read_one (read, turn, normalise, sample 2048 surface points and 2048 queries, label them)
+ingest_mesh.read_shape (read, turn, normalise, sample 2048 surface points and 2048 queries, label them)
 with each inside test; both label the same queries, so agreement is label for label. Then the
 realistic mesh with every third face turned over, each method against the intact mesh's exact labels.
 
@@ -26,7 +26,7 @@ import torch
 from bench_path import REPO  # noqa: F401
 from common import report, table
 from datamodules import ingest_mesh
-from datamodules.ingest_mesh import MeshOptions, read_one, write_mesh_folder
+from datamodules.ingest_mesh import MeshOptions, read_shape, write_mesh_folder
 from datamodules.occupancy import inside_mesh, winding_number
 from tests.meshes import icosphere, merge, open_cylinder, realistic_mesh, torus, write_obj
 
@@ -42,7 +42,7 @@ def exact_inside(vertices: np.ndarray, faces: np.ndarray, points: np.ndarray) ->
 
 
 def timed(path: Path, inside) -> tuple[float, np.ndarray]:
-    """(CPU seconds, labels) of one read_one pass with ``inside`` as the inside test.
+    """(CPU seconds, labels) of one read_shape pass with ``inside`` as the inside test.
 
     CPU time of this process, not wall time: on a shared machine it moves far less with the load (numpy
     runs these on one thread).
@@ -50,11 +50,10 @@ def timed(path: Path, inside) -> tuple[float, np.ndarray]:
     ingest_mesh.inside_mesh = inside
     try:
         t0 = time.process_time()
-        _, result, reason, detail = read_one((0, str(path), MeshOptions()))
+        result = read_shape(path, 0, MeshOptions())
         seconds = time.process_time() - t0
     finally:
         ingest_mesh.inside_mesh = inside_mesh
-    assert result is not None, (reason, detail)
     return seconds, result[2]
 
 

@@ -26,7 +26,7 @@ from datamodules.audio_clips import AudioClipOptions, read_audio_clips, read_che
 from datamodules.decoders import BadSample
 from datamodules.media.spec import MediaSpec
 from datamodules.transforms import SampleTransform
-from datamodules.writers import write_media_folder
+from datamodules.writers import encode_audio, write_media_folder
 
 TIMBRES = ("sine", "square", "sawtooth", "plucked")
 SCALE_MIDI = (57, 60, 62, 64, 67, 69, 72, 74, 76, 79)
@@ -75,13 +75,6 @@ def render_note(timbre: str, f0: float, n: int, sample_rate: int, rng: np.random
     return wave / max(np.abs(wave).max(), 1e-9) * envelope(timbre, n, sample_rate, rng)
 
 
-def encode_wav(wave: np.ndarray, sample_rate: int) -> bytes:
-    """(T,) or (T, C) float in [-1, 1] -> 16-bit PCM WAV bytes."""
-    buffer = io.BytesIO()
-    soundfile.write(buffer, np.clip(wave, -1.0, 1.0), sample_rate, format="WAV", subtype="PCM_16")
-    return buffer.getvalue()
-
-
 def synthetic_audio(
     num: int, seed: int = 0, size: int | None = None, sample_rate: int = 8000, min_seconds: float = 0.5, max_seconds: float = 1.5
 ) -> Iterator[dict]:
@@ -119,7 +112,7 @@ def synthetic_audio(
         tempo = "fast" if slots.mean() < FAST_SLOT else "slow"
         yield {
             "__key__": f"{i:08d}",
-            "wav": encode_wav(wave, sample_rate),
+            "wav": encode_audio(wave, sample_rate),
             "cls": label,
             "txt": f"{NUMBER_WORDS[count - 1]} {tempo} {register} {timbre} note{'s' if count > 1 else ''}",
             "json": {
@@ -163,7 +156,7 @@ def spoken_words(
             pace, register = "fast" if speed > 170 else "slowly", "high" if pitch > 50 else "low"
             yield {
                 "__key__": f"{i:08d}",
-                "wav": encode_wav(wave, sample_rate),
+                "wav": encode_audio(wave, sample_rate),
                 "cls": label,
                 "txt": f"the word {words[label]} spoken {pace} in a {register} voice",
                 "json": {"word": words[label], "voice": voice, "speed": speed, "pitch": pitch, "sample_rate": sample_rate},
@@ -180,7 +173,7 @@ def read_audio(path: Path) -> dict:
 
 def write_audio_folder(
     src: str, out: str, shard_size: int = 1000, prefix: str = "audio", progress: bool = True, captions: str | None = None,
-    holdout: float = 0.0, clips: AudioClipOptions | None = None,
+    holdout: float = 0.0, clips: AudioClipOptions | None = None, workers: int = 1,
 ) -> list[str]:
     """Shard an audio folder (``src/[<class>/]<name>.{wav,flac}``, see ``datamodules.sources``); the shard paths.
 
@@ -194,7 +187,7 @@ def write_audio_folder(
         read, unit, source = functools.partial(read_audio_clips, options=clips), "clip", "audio file"
     return write_media_folder(src, out, read, AUDIO_EXTENSIONS, unit, "readable audio files", captions=captions,
                               holdout=holdout, shard_size=shard_size, prefix=prefix, progress=progress,
-                              source=source).paths
+                              source=source, workers=workers).paths
 
 
 class AudioTransform(SampleTransform):

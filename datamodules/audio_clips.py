@@ -156,7 +156,7 @@ def read_audio_clips(path: Path, options: AudioClipOptions) -> Cut:
         if options.loudness is not None:
             gain = min(10 ** ((options.loudness - level) / 20), 0.999 / max(float(np.abs(clip).max()), 1e-12))
             clip, meta["gain_db"] = clip * gain, round(20 * np.log10(gain), 3)
-        clips.append((index, {"wav": (np.clip(clip, -1.0, 1.0), rate), "json": meta}))  # the writer: 16-bit PCM WAV
+        clips.append((index, {"wav": (clip, rate), "json": meta}))  # the writer: clipped to [-1, 1], 16-bit PCM WAV
     if not clips:
         reasons = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
         raise Skipped("too short" if "shorter than --min-seconds" in dropped else "silent", f"no clip kept ({reasons})")

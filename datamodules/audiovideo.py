@@ -16,11 +16,12 @@ from collections.abc import Iterator
 import numpy as np
 import torch
 
-from datamodules.audio import AudioTransform, encode_wav
+from datamodules.audio import AudioTransform
 from datamodules.media.spec import MediaSpec
 from datamodules.synthetic import COLOURS, SHAPES, render_shape
 from datamodules.transforms import SampleTransform
 from datamodules.video import VIDEO_SIZE, bounce
+from datamodules.writers import encode_audio
 
 CLASSES = SHAPES
 FPS = 8
@@ -88,7 +89,7 @@ def synthetic_audiovideo(
         yield {
             "__key__": f"{i:08d}",
             "npy": clip,
-            "wav": encode_wav(wave, sample_rate),
+            "wav": encode_audio(wave, sample_rate),
             "cls": label,
             "txt": f"a {colour} {shape} hopping {pace} {'left' if vx < 0 else 'right'}",
             "json": {

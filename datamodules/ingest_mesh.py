@@ -2,7 +2,7 @@
 
 Layout: ``SRC/<class>/.../<name>.{ply,obj,off}`` (class ids = sorted sub-folder names, OUT/classes.json; a class
 folder is searched to any depth, as in ShapeNet's ``<class>/<model>/models/model.obj``) and/or meshes directly in
-SRC (no ``cls``). Captions (``--captions`` manifest, ``.txt``/``.json`` sidecars) and the ``holdout`` split
+SRC (no ``cls``): ``sources.list_media(nested=True)``; names starting with "." are skipped. Captions (``--captions`` manifest, ``.txt``/``.json`` sidecars) and the ``holdout`` split
 (OUT/train and OUT/holdout by a hash of the path) are those of every folder command: ``datamodules.sources``.
 
 Frame: shards are z-up (the convention of every shape in this project). ``up`` names the file's up
@@ -23,37 +23,25 @@ time (default 1%: a solid's near-surface queries alone give about 25%) is probab
 has holes too large to tell inside from out: it is written, warned about with its path and counted.
 
 Files that cannot be used (unreadable, garbage, no triangles, too large) are skipped, counted and named.
-``workers`` processes read meshes in parallel; samples are written in a fixed order and each mesh's
-random draws depend only on its position, so the shards are the same for any number of workers.
+``workers`` processes read meshes in parallel (the loop of every folder command: ``writers.ingest``); samples are
+written in a fixed order and each mesh's random draws depend only on its position in it, so the shards are the
+same for any number of workers.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
-import random
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from datamodules.media.mesh import MESH_SUFFIXES, read_mesh, sample_mesh_surface
 from datamodules.occupancy import inside_mesh
-from datamodules.parallel import check_workers, ordered_map
 from datamodules.shapes import BOUND, near_surface_queries, occupancy_sample
-from datamodules.sources import (
-    MediaFile,
-    Report,
-    Skipped,
-    class_folders,
-    label_and_caption,
-    plural,
-    read_manifest,
-    shown,
-    split_folders,
-)
-from datamodules.writers import SplitWriter, labelled
+from datamodules.sources import MediaFile, Report, Skipped, plural, shown
+from datamodules.writers import Ingester, ingest
 
 log = logging.getLogger("duoflow.data")
 
@@ -131,16 +119,10 @@ def mesh_sample(vertices: np.ndarray, faces: np.ndarray, options: MeshOptions, r
     return on_surface[:n], q, inside_mesh(v, faces, q), centre, scale
 
 
-def read_one(task: tuple[int, str, MeshOptions]) -> tuple[int, tuple | None, str, str]:
-    """Worker: (position, mesh_sample's tuple or None, skip reason, detail); never raises for a bad file."""
-    position, path, options = task
-    try:
-        vertices, faces = read_mesh(path)
-        return position, mesh_sample(vertices, faces, options, np.random.default_rng(position)), "", ""
-    except Skipped as exn:
-        return position, None, exn.reason, str(exn)
-    except Exception as exn:  # noqa: BLE001 - anything a broken file raises means "unreadable", named and counted
-        return position, None, "unreadable", str(exn).strip() or type(exn).__name__
+def read_shape(path: Path, position: int, options: MeshOptions) -> tuple:
+    """``Ingester.read``: mesh_sample's tuple for one file, its draws seeded by its ``position`` (any worker count)."""
+    vertices, faces = read_mesh(path)
+    return mesh_sample(vertices, faces, options, np.random.default_rng(position))
 
 
 @dataclass
@@ -160,56 +142,25 @@ class MeshReport(Report):
         return line
 
 
-def find_meshes(root: Path) -> tuple[list[str], list[tuple[int, Path]]]:
-    """(class names, [(label or -1, path)]): class sub-folders when there are any, else the folder itself."""
-    is_mesh = lambda p: (p.is_file() or p.is_symlink()) and p.suffix.lower() in MESH_SUFFIXES  # noqa: E731
-    classes = class_folders(root)  # a link back to root is no class folder (a symlink loop)
-    files = [(-1, p) for p in sorted(root.iterdir()) if is_mesh(p)]
-    files += [(label, p) for label, name in enumerate(classes) for p in sorted((root / name).rglob("*")) if is_mesh(p)]
-    return classes, files
-
-
 def write_mesh_folder(
     src: str, out: str, options: MeshOptions = MeshOptions(), shard_size: int = 1000, prefix: str = "shape",
     workers: int = 1, progress: bool = True, captions: str | None = None, holdout: float = 0.0,
 ) -> MeshReport:
     """Shard a folder of meshes into shape samples (see the module docstring); ``report.paths`` are the shards."""
-    root = Path(src)
-    if not root.is_dir():
-        raise FileNotFoundError(f"mesh folder {src!r} does not exist; expected a directory of .ply/.obj/.off files")
-    check_workers(workers)
-    folders = split_folders(out, holdout)
-    classes, found = find_meshes(root)
-    if not found:
-        raise ValueError(f"mesh folder {src!r} holds no meshes; expected {src}/[<class>/]<name>.{{ply,obj,off}}")
-    files = [MediaFile(i, path, path.relative_to(root).as_posix(), None if label < 0 else label)
-             for i, (label, path) in enumerate(found)]
-    classes = label_and_caption(root, classes, files, read_manifest(captions) if captions else {})
-    order = list(files)
-    random.Random(0).shuffle(order)  # a shard mixes classes
-    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
-    report = MeshReport(files=len(files), written={split: 0 for split in writer.writers}, min_inside=options.min_inside)
-    tasks = [(j, str(file.path), options) for j, file in enumerate(order)]
-    started = time.perf_counter()
-    try:
-        with ordered_map(read_one, tasks, workers) as results:
-            for j, result, reason, detail in tqdm(results, total=len(tasks), desc=f"shards {src}", unit="mesh",
-                                                  disable=not progress):
-                file = order[j]
-                if result is None:
-                    report.skip(file, reason, detail)
-                    continue
-                pts, q, occ, centre, scale = result
-                if occ.mean() < options.min_inside:
-                    log.warning("near-empty occupancy: %s: %.2f%% of queries inside (< %g%%): an open sheet or large "
-                                "holes?", file.path, 100 * occ.mean(), 100 * options.min_inside)
-                    report.empty.append(file.name)
-                key = f"{file.index:08d}"
-                meta = {"up": options.up, "centre": centre.tolist(), "scale": scale}
-                split = writer.split(file)
-                writer.write(split, labelled(file, classes, key, occupancy_sample(key, pts, q, occ, json=meta)))
-                report.written[split] += 1
-                report.used += 1
-    finally:
-        report.paths = writer.close()
-    return report.finish(started, f"mesh folder {src!r}: no mesh could be used")
+    kind = Ingester(tuple(suffix[1:] for suffix in MESH_SUFFIXES), "meshes", functools.partial(read_shape, options=options),
+                    functools.partial(shape_samples, options=options), nested=True,
+                    nothing="mesh folder {src!r}: no mesh could be used")
+    return ingest(kind, MeshReport(min_inside=options.min_inside), src, out, captions=captions, holdout=holdout,
+                  shard_size=shard_size, prefix=prefix, workers=workers, progress=progress)
+
+
+def shape_samples(file: MediaFile, result: tuple, report: MeshReport, options: MeshOptions) -> list[tuple[str, dict]]:
+    """``Ingester.samples``: the shape sample of one mesh; one with near-empty occupancy is warned about and counted."""
+    pts, q, occ, centre, scale = result
+    if occ.mean() < options.min_inside:
+        log.warning("near-empty occupancy: %s: %.2f%% of queries inside (< %g%%): an open sheet or large "
+                    "holes?", file.path, 100 * occ.mean(), 100 * options.min_inside)
+        report.empty.append(file.name)
+    key = f"{file.index:08d}"
+    meta = {"up": options.up, "centre": centre.tolist(), "scale": scale}
+    return [(key, occupancy_sample(key, pts, q, occ, json=meta))]

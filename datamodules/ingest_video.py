@@ -28,17 +28,13 @@ corrupt), too short for one clip, without an audio stream (audio-video).
 
 from __future__ import annotations
 
+import functools
 import logging
-import random
-import time
 from dataclasses import dataclass, field
 
-from tqdm import tqdm
-
-from datamodules.parallel import check_workers, ordered_map
-from datamodules.sources import MediaFile, Report, Skipped, find_sources, plural, shown, split_folders
+from datamodules.sources import MediaFile, Report, plural, shown
 from datamodules.video_clips import VIDEO_EXTENSIONS, ClipOptions, VideoClips, read_clips
-from datamodules.writers import SplitWriter, labelled
+from datamodules.writers import Ingester, by_path, ingest
 
 log = logging.getLogger(__name__)
 
@@ -66,66 +62,32 @@ class ClipReport(Report):
         return line
 
 
-def read_one(task: tuple[int, str, ClipOptions]) -> tuple[int, VideoClips | None, str, str]:
-    """Worker: (index, clips or None, skip reason, detail); never raises for a bad file."""
-    index, path, options = task
-    try:
-        return index, read_clips(path, options), "", ""
-    except Skipped as exn:
-        return index, None, exn.reason, str(exn)
-    except Exception as exn:  # noqa: BLE001 - anything a broken file raises means "unreadable", named and counted
-        return index, None, "unreadable", str(exn).strip() or type(exn).__name__
-
-
 def write_video_clips(
     src: str, out: str, options: ClipOptions, captions: str | None = None, holdout: float = 0.0, workers: int = 1,
     shard_size: int = 100, prefix: str = "video", progress: bool = True,
 ) -> ClipReport:
     """Cut every video of ``src`` into clips and write them as shards to ``out`` (see the module docstring)."""
-    folders = split_folders(out, holdout)
-    check_workers(workers)
-    classes, videos = find_sources(src, VIDEO_EXTENSIONS, "videos", captions)
-    for folder in folders.values():
-        if any(folder.glob(f"{prefix}-*.tar")):
-            raise ValueError(f"{folder} already holds {prefix}-*.tar shards; write to an empty folder (or remove them)")
-    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
-    order = list(videos)
-    random.Random(0).shuffle(order)
-    tasks = [(video.index, str(video.path), options) for video in order]
-    report = ClipReport(files=len(videos), written={split: 0 for split in writer.writers},
-                        max_frames_read=options.max_frames_read)
-    started = time.perf_counter()
-    try:
-        with ordered_map(read_one, tasks, workers) as results:
-            bar = tqdm(results, total=len(tasks), desc=f"shards {src}", unit="video", disable=not progress)
-            for index, result, reason, detail in bar:
-                video = videos[index]
-                if result is None:
-                    report.skip(video, reason, detail)
-                    continue
-                split = writer.split(video)
-                for clip in result.clips:
-                    writer.write(split, clip_sample(video, clip, options, classes))
-                report.written[split] += len(result.clips)
-                report.used += bool(result.clips)
-                report.static += result.static
-                report.silent += result.silent
-                if result.cut:
-                    log.warning("%s: cut short at --max-frames-read=%d frames read", video.path, options.max_frames_read)
-                    report.cut.append(video.name)
-                bar.set_postfix(clips=sum(report.written.values()))
-    finally:
-        report.paths = writer.close()
-    return report.finish(started, f"no clips written from {src}")
+    kind = Ingester(VIDEO_EXTENSIONS, "videos", functools.partial(by_path, functools.partial(read_clips, options=options)),
+                    functools.partial(clip_samples, options=options), fresh=True)
+    return ingest(kind, ClipReport(max_frames_read=options.max_frames_read), src, out, captions=captions,
+                  holdout=holdout, shard_size=shard_size, prefix=prefix, workers=workers, progress=progress)
 
 
-def clip_sample(video: MediaFile, clip, options: ClipOptions, classes: list[str]) -> dict:
-    """The shard sample of one clip: npy, json, and cls, txt, wav where there are."""
+def clip_samples(video: MediaFile, result: VideoClips, report: ClipReport, options: ClipOptions) -> list[tuple[str, dict]]:
+    """``Ingester.samples``: the clips of one video, and its clips dropped or cut short counted in ``report``."""
+    report.static += result.static
+    report.silent += result.silent
+    if result.cut:
+        log.warning("%s: cut short at --max-frames-read=%d frames read", video.path, options.max_frames_read)
+        report.cut.append(video.name)
+    return [clip_sample(video, clip, options) for clip in result.clips]
+
+
+def clip_sample(video: MediaFile, clip, options: ClipOptions) -> tuple[str, dict]:
+    """(key, fields) of one clip: npy, json, and the soundtrack as wav (16-bit PCM, encoded by the shard writer)."""
     meta = {"start": round(float(clip.start), 6), "end": round(float(clip.start + options.seconds), 6),
             "fps": options.fps, "frames": options.frames}
     fields = {"npy": clip.frames, "json": meta}
     if clip.audio is not None:
-        from datamodules.audio import encode_wav
-
-        fields["wav"], meta["sample_rate"] = encode_wav(clip.audio, options.sample_rate), options.sample_rate
-    return labelled(video, classes, f"{video.index:06d}-{clip.index:04d}", fields)
+        fields["wav"], meta["sample_rate"] = (clip.audio, options.sample_rate), options.sample_rate
+    return f"{video.index:06d}-{clip.index:04d}", fields

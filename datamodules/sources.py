@@ -2,7 +2,8 @@
 
 Layout: ``SRC/<name>.<ext>`` (samples without class) or ``SRC/<class>/<name>.<ext>`` (class ids = the
 sorted folder names, written to ``classes.json``; files directly in SRC are then ignored). Names
-starting with "." are skipped (macOS ``._x.png`` forks are not media).
+starting with "." are skipped (macOS ``._x.png`` forks are not media). ``nested`` (meshes): class folders
+are searched to any depth and the files directly in SRC are kept beside them, without class.
 
 Captions, first found wins: the ``--captions`` manifest (CSV with a header, or JSON lines; fields
 ``path`` relative to SRC, ``caption`` (or ``text``), optional ``class``), a ``<name>.txt`` beside the
@@ -112,8 +113,12 @@ class Report:
         return line + "".join(f"; {plural(n, self.unit)} {reason}" for reason, n in sorted(self.dropped.items()))
 
 
-def list_media(src: str, extensions: tuple[str, ...], noun: str) -> tuple[list[str], list[MediaFile]]:
-    """(class names, files sorted by path): ``src/<class>/<name>.<ext>`` or ``src/<name>.<ext>``; ``noun`` names them in errors."""
+def list_media(src: str, extensions: tuple[str, ...], noun: str, nested: bool = False) -> tuple[list[str], list[MediaFile]]:
+    """(class names, files sorted by path): ``src/<class>/<name>.<ext>`` or ``src/<name>.<ext>``; ``noun`` names them in errors.
+
+    ``nested``: class folders are searched to any depth (ShapeNet's ``<class>/<model>/models/model.obj``) and the
+    files directly in SRC are kept beside them, first, without class.
+    """
     root = Path(src)
     if not root.is_dir():
         raise FileNotFoundError(f"folder {src!r} does not exist; expected a directory of {noun} or of class sub-folders")
@@ -122,9 +127,10 @@ def list_media(src: str, extensions: tuple[str, ...], noun: str) -> tuple[list[s
         return (path.is_file() or path.is_symlink()) and not path.name.startswith(".") and path.suffix[1:].lower() in extensions
 
     classes = class_folders(root)
-    found = [(label, path) for label, name in enumerate(classes) for path in sorted((root / name).iterdir()) if is_media(path)]
-    if not classes:
-        found = [(None, path) for path in sorted(root.iterdir()) if is_media(path)]
+    found = [(None, path) for path in sorted(root.iterdir()) if is_media(path)] if nested or not classes else []
+    for label, name in enumerate(classes):
+        inside = (root / name).rglob("*") if nested else (root / name).iterdir()
+        found += [(label, path) for path in sorted(inside) if is_media(path)]
     if not found:
         raise ValueError(f"folder {src!r} holds no {noun}; expected {src}/[<class>/]<name>.{{{','.join(extensions)}}}")
     return classes, [MediaFile(i, path, path.relative_to(root).as_posix(), label) for i, (label, path) in enumerate(found)]
@@ -214,9 +220,10 @@ def label_and_caption(root: Path, classes: list[str], files: list[MediaFile], ma
     return classes
 
 
-def find_sources(src: str, extensions: tuple[str, ...], noun: str, captions: str | None) -> tuple[list[str], list[MediaFile]]:
-    """(class names, files with label and caption) of a media folder and an optional ``--captions`` manifest."""
-    classes, files = list_media(src, extensions, noun)
+def find_sources(src: str, extensions: tuple[str, ...], noun: str, captions: str | None,
+                 nested: bool = False) -> tuple[list[str], list[MediaFile]]:
+    """(class names, files with label and caption) of a media folder (``list_media``) and an optional ``--captions`` manifest."""
+    classes, files = list_media(src, extensions, noun, nested)
     return label_and_caption(Path(src), classes, files, read_manifest(captions) if captions else {}), files
 
 

@@ -7,13 +7,16 @@ closes, it records the sample count of every shard in ``<out>/index.json``
 (``{"shards": {"img-000000.tar": 1000}}``), which ``shards.count_samples`` reads instead of
 scanning the tars.
 
-``write_media_folder`` shards a folder with one sample per file (images, audio): the files, classes,
-captions and holdout split come from ``datamodules.sources``, ``SplitWriter`` writes OUT (or OUT/train
-and OUT/holdout), and each file is decoded once on the way so that a broken one is skipped and named.
+``ingest`` is the loop of every folder command (``shards images|audio|videos|audiovideo|shapes``): the files,
+classes, captions and holdout split come from ``datamodules.sources``, workers read the files in a fixed shuffled
+order (``datamodules.parallel``), a file that cannot be used is skipped, counted and named, and ``SplitWriter``
+writes OUT (or OUT/train and OUT/holdout). An ``Ingester`` holds what depends on the media: how a file is read,
+which samples a result gives. ``write_media_folder`` is it for one sample per file (images, audio) or a ``Cut``.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import logging
@@ -34,6 +37,7 @@ from tqdm import tqdm
 
 from datamodules.decoders import IMAGE_EXTENSIONS, BadSample, decode_image
 from datamodules.media.files import atomic_write_text
+from datamodules.parallel import check_workers, ordered_map
 from datamodules.sources import MediaFile, Report, Skipped, find_sources, split_folders, split_of
 
 log = logging.getLogger(__name__)
@@ -62,14 +66,20 @@ def encode_field(ext: str, value: Any) -> bytes:
     elif kind == "npy" and isinstance(value, np.ndarray):
         np.save(buffer, value, allow_pickle=False)
     elif kind in _AUDIO_FORMATS and isinstance(value, tuple):
-        audio, sample_rate = value
-        soundfile.write(buffer, np.asarray(audio), int(sample_rate), format=_AUDIO_FORMATS[kind])
+        return encode_audio(*value, kind)
     elif kind == "safetensors" and isinstance(value, dict):
         return safetensors.numpy.save({k: np.ascontiguousarray(v) for k, v in value.items()})
     elif isinstance(value, str):
         return value.encode("utf-8")
     else:
         raise ValueError(f"{ext}: cannot encode a {type(value).__name__}; pass bytes or a supported type")
+    return buffer.getvalue()
+
+
+def encode_audio(wave: np.ndarray, sample_rate: int, kind: str = "wav") -> bytes:
+    """(T,) or (T, C) float in [-1, 1] (clipped there) -> 16-bit PCM ``kind`` (wav, flac) bytes."""
+    buffer = io.BytesIO()
+    soundfile.write(buffer, np.clip(wave, -1.0, 1.0), int(sample_rate), format=_AUDIO_FORMATS[kind], subtype="PCM_16")
     return buffer.getvalue()
 
 
@@ -206,51 +216,114 @@ class Cut:
     """Clips of the file not kept, per reason ("silent"): counted in the summary."""
 
 
+@dataclass(frozen=True)
+class Ingester:
+    """The parts of a folder command that depend on its media; ``ingest`` is the loop they share."""
+
+    extensions: tuple[str, ...]
+    """File name extensions read (no dot, lower case)."""
+    noun: str
+    """The files, as named in the errors of ``list_media`` ("videos")."""
+    read: Callable[[Path, int], Any]
+    """(path, position in the shuffled order: the seed of any random draw) -> what ``samples`` takes; raises
+    ``Skipped`` (counted under its reason) or anything else ("unreadable"). Runs in the worker processes: picklable."""
+    samples: Callable[[MediaFile, Any, Report], list[tuple[str, dict]]]
+    """(file, what ``read`` returned, the report for counters of its own) -> [(key, fields)], in write order."""
+    nested: bool = False
+    """Class folders searched to any depth, files in SRC kept beside them (``list_media``)."""
+    fresh: bool = False
+    """Refuse an output folder that already holds ``<prefix>-*.tar`` shards."""
+    nothing: str = "no {unit}s written from {src}"
+    """The error when no shard is written (``{unit}``, ``{src}``), before the summary."""
+
+
+def read_one(task: tuple[Callable[[Path, int], Any], int, Path]) -> tuple[Any, str, str]:
+    """Worker: (what ``read`` returned or None, skip reason or "", detail); never raises for a bad file."""
+    read, position, path = task
+    try:
+        if path.stat().st_size == 0:
+            raise Skipped("unreadable", "empty file")
+        return read(path, position), "", ""
+    except Skipped as exn:
+        return None, exn.reason, str(exn)
+    except Exception as exn:  # noqa: BLE001 - whatever a broken file raises means "unreadable", named and counted
+        return None, "unreadable", str(exn).strip() or type(exn).__name__
+
+
+def ingest(
+    kind: Ingester, report: Report, src: str, out: str, captions: str | None = None, holdout: float = 0.0,
+    shard_size: int = 1000, prefix: str = "sample", workers: int = 1, progress: bool = True,
+) -> Report:
+    """Shard the media folder ``src`` into ``out``: the loop of every folder command, ``kind`` its media.
+
+    Files, classes, captions and the holdout split come from ``datamodules.sources``. Files are read in a fixed
+    shuffled order (so that a shard mixes classes), by ``workers`` processes whose results are written in that
+    order, so the shards are byte-identical for any number of workers. A file ``read`` cannot use is named in a
+    warning and counted in ``report`` (its ``files``, ``used``, ``written``, ``skipped`` are filled here);
+    ``report.paths`` are the shards. Raises one line when nothing was written.
+    """
+    folders = split_folders(out, holdout)
+    check_workers(workers)
+    classes, files = find_sources(src, kind.extensions, kind.noun, captions, kind.nested)
+    for folder in folders.values() if kind.fresh else ():
+        if any(folder.glob(f"{prefix}-*.tar")):
+            raise ValueError(f"{folder} already holds {prefix}-*.tar shards; write to an empty folder (or remove them)")
+    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
+    report.files, report.written = len(files), {split: 0 for split in writer.writers}
+    order = list(files)
+    random.Random(0).shuffle(order)
+    tasks = [(kind.read, position, file.path) for position, file in enumerate(order)]
+    started = time.perf_counter()
+    try:
+        with ordered_map(read_one, tasks, workers) as results:
+            bar = tqdm(results, total=len(tasks), desc=f"shards {src}", unit=report.source, disable=not progress)
+            for (result, reason, detail), file in zip(bar, order):  # the bar first: it closes when the results end
+                if result is None:
+                    report.skip(file, reason, detail)
+                    continue
+                split = writer.split(file)
+                samples = kind.samples(file, result, report)
+                for key, fields in samples:
+                    writer.write(split, labelled(file, classes, key, fields))
+                report.written[split] += len(samples)
+                report.used += bool(samples)
+                if report.unit != report.source:
+                    bar.set_postfix({f"{report.unit}s": sum(report.written.values())})
+    finally:
+        report.paths = writer.close()
+    return report.finish(started, kind.nothing.format(unit=report.unit, src=src))
+
+
+def by_path(read: Callable[[Path], dict | Cut], path: Path, position: int) -> dict | Cut:
+    """An ``Ingester.read`` of a reader that draws nothing at random (picklable as ``partial(by_path, read)``)."""
+    return read(path)
+
+
+def media_samples(file: MediaFile, fields: dict | Cut, report: Report) -> list[tuple[str, dict]]:
+    """One sample keyed ``<file index>`` (8 digits), or the clips of a ``Cut`` keyed ``<file index>-<clip index>``."""
+    if not isinstance(fields, Cut):
+        return [(f"{file.index:08d}", fields)]
+    for reason, n in fields.dropped.items():
+        report.dropped[reason] = report.dropped.get(reason, 0) + n
+    return [(f"{file.index:08d}-{clip:04d}", sample) for clip, sample in fields.clips]
+
+
 def write_media_folder(
     src: str, out: str, read: Callable[[Path], dict | Cut], extensions: tuple[str, ...], unit: str, noun: str,
     captions: str | None = None, holdout: float = 0.0, shard_size: int = 1000, prefix: str = "sample",
-    progress: bool = True, source: str | None = None,
+    progress: bool = True, source: str | None = None, workers: int = 1,
 ) -> Report:
-    """Shard a folder with one sample per file, or several (layout, captions, holdout: ``datamodules.sources``).
+    """Shard a folder with one sample per file, or several (``ingest``; layout, captions, holdout: ``datamodules.sources``).
 
     ``read(path)`` decodes the file once and returns its media fields (and ``json``), or a ``Cut`` of several
-    samples (keys ``<file index>-<clip index>``, 8 and 4 digits; ``source`` then names a file in the summary), or raises: ``Skipped``
-    files are counted under its reason, any other exception under "unreadable"; either way the file is named
-    in a warning and in the summary, which is logged at the end. Files are written in a fixed shuffled order
-    (so that a shard mixes classes), keyed by their position in the sorted file list (8 digits). ``unit``
-    names a sample in the summary ("image"), ``noun`` the files in the errors of ``list_media``.
+    samples (keys ``<file index>-<clip index>``, 8 and 4 digits; ``source`` then names a file in the summary), or
+    raises (``Ingester.read``); files are keyed by their position in the sorted file list (8 digits). ``unit``
+    names a sample in the summary ("image"), ``noun`` the files in the errors of ``list_media``. The summary is
+    logged at the end. ``read`` must be picklable for ``workers`` > 1.
     """
-    folders = split_folders(out, holdout)
-    classes, files = find_sources(src, extensions, noun, captions)
-    writer = SplitWriter(folders, holdout, classes, prefix, shard_size)
-    report = Report(unit=unit, source=source or unit, files=len(files), written={split: 0 for split in writer.writers})
-    order = list(files)
-    random.Random(0).shuffle(order)
-    started = time.perf_counter()
-    try:
-        for file in tqdm(order, desc=f"shards {src}", unit=source or unit, disable=not progress):
-            try:
-                if file.path.stat().st_size == 0:
-                    raise Skipped("unreadable", "empty file")
-                fields = read(file.path)
-            except Skipped as exn:
-                report.skip(file, exn.reason, str(exn))
-                continue
-            except Exception as exn:  # noqa: BLE001 - whatever a broken file raises means "unreadable", named and counted
-                report.skip(file, "unreadable", str(exn).strip() or type(exn).__name__)
-                continue
-            split = writer.split(file)
-            pieces = fields.clips if isinstance(fields, Cut) else [(None, fields)]
-            for clip, sample in pieces:
-                key = f"{file.index:08d}" if clip is None else f"{file.index:08d}-{clip:04d}"
-                writer.write(split, labelled(file, classes, key, sample))
-            for reason, n in (fields.dropped.items() if isinstance(fields, Cut) else ()):
-                report.dropped[reason] = report.dropped.get(reason, 0) + n
-            report.written[split] += len(pieces)
-            report.used += 1
-    finally:
-        report.paths = writer.close()
-    report.finish(started, f"no {unit}s written from {src}")
+    kind = Ingester(extensions, noun, functools.partial(by_path, read), media_samples)
+    report = ingest(kind, Report(unit=unit, source=source or unit), src, out, captions=captions, holdout=holdout,
+                    shard_size=shard_size, prefix=prefix, workers=workers, progress=progress)
     log.info("%s", report.summary())
     return report
 
@@ -269,7 +342,7 @@ def read_image(path: Path) -> dict:
 
 def write_image_folder(
     src: str, out: str, shard_size: int = 1000, prefix: str = "img", progress: bool = True, captions: str | None = None,
-    holdout: float = 0.0,
+    holdout: float = 0.0, workers: int = 1,
 ) -> list[str]:
     """Shard an image folder (``src/[<class>/]<name>.{png,jpg,jpeg,webp}``, see ``datamodules.sources``); the shard paths.
 
@@ -277,4 +350,5 @@ def write_image_folder(
     is skipped and named now rather than met in training; the good ones are stored as their original bytes.
     """
     return write_media_folder(src, out, read_image, IMAGE_EXTENSIONS, "image", "images", captions=captions,
-                              holdout=holdout, shard_size=shard_size, prefix=prefix, progress=progress).paths
+                              holdout=holdout, shard_size=shard_size, prefix=prefix, progress=progress,
+                              workers=workers).paths

@@ -1,4 +1,4 @@
-"""Folder sources shared by `shards images|audio|videos`: manifests, sidecars, classes, holdout, broken files skipped and named."""
+"""Folder sources shared by `shards images|audio|videos|shapes`: layout, manifests, sidecars, classes, holdout, workers, broken files skipped and named."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import soundfile
 from PIL import Image
 
 from datamodules import decoders
-from datamodules.sources import in_holdout, read_manifest, sidecar_caption
+from datamodules.sources import in_holdout, list_media, read_manifest, sidecar_caption
 
 SR = 8000
 
@@ -67,6 +67,23 @@ def shards(*argv: str) -> int:
 def labels_and_captions(folder: Path) -> dict[str, tuple[str | None, str | None]]:
     return {path: (json.loads(s["json"]).get("class"), s["txt"].decode() if "txt" in s else None)
             for path, s in by_path(folder).items()}
+
+
+# layout -----------------------------------------------------------------------------------------
+
+
+def test_nested_layout_searches_class_folders_to_any_depth_and_keeps_loose_files_first(tmp_path):
+    """``shards shapes`` (ShapeNet's class/model/models/model.obj): every depth, files in SRC beside the classes
+    (no class, first), hidden names skipped as in every folder command; the flat rule ignores both."""
+    files = ["b.obj", "._b.obj", "chair/m1/models/model.obj", "chair/m0/models/model.obj", "chair/top.obj",
+             "table/m0/models/._model.obj", "table/m0/models/model.obj", "table/notes.txt"]
+    src = make(tmp_path / "src", {name: "v 0 0 0\n" for name in files})
+    classes, found = list_media(str(src), ("obj",), "meshes", nested=True)
+    assert classes == ["chair", "table"]
+    assert [(f.index, f.name, f.label) for f in found] == [
+        (0, "b.obj", None), (1, "chair/m0/models/model.obj", 0), (2, "chair/m1/models/model.obj", 0),
+        (3, "chair/top.obj", 0), (4, "table/m0/models/model.obj", 1)]
+    assert [f.name for f in list_media(str(src), ("obj",), "meshes")[1]] == ["chair/top.obj"]
 
 
 # manifests and sidecars -------------------------------------------------------------------------
@@ -147,6 +164,24 @@ def test_holdout_is_deterministic_disjoint_and_by_path(tmp_path, kind, ext, data
     assert got["train"] | got["holdout"] == {f"{'ab'[i % 2]}/f{i}.{ext}" for i in range(12)}
     assert got["holdout"] == {name for name in got["train"] | got["holdout"] if in_holdout(name, 0.3)}
     assert not list((tmp_path / "one").glob("*.tar"))  # with --holdout, nothing directly in OUT
+
+
+@pytest.mark.parametrize("kind, ext, data, options", [
+    ("images", "png", lambda i: png((i, 2 * i, 3 * i)), []),
+    ("audio", "wav", lambda i: wav(0.3, 200 + 20 * i), ["--max-seconds", "0.1", "--sample-rate", "4000"]),  # cut: Cut
+])
+def test_workers_write_the_same_shards_and_skips_as_one_process(tmp_path, caplog, kind, ext, data, options):
+    """--workers, as for videos and meshes (the loop they share, writers.ingest): files read in other processes,
+    samples written in the same order, a broken file counted and named the same."""
+    src = make(tmp_path / "src", {**{f"f{i}.{ext}": data(i) for i in range(7)}, f"bad.{ext}": "not media"})
+    for out, workers in (("one", "1"), ("two", "3")):
+        with caplog.at_level(logging.INFO):
+            assert shards(kind, str(src), str(tmp_path / out), "--shard-size", "3", "--workers", workers, *options) == 0
+    one, two = sorted((tmp_path / "one").iterdir()), sorted((tmp_path / "two").iterdir())
+    assert [p.name for p in one] == [p.name for p in two] and len(list((tmp_path / "one").glob("*.tar"))) >= 3
+    assert all(a.read_bytes() == b.read_bytes() for a, b in zip(one, two))
+    assert caplog.text.count(f"1 skipped: 1 unreadable (bad.{ext})") == 2
+    assert caplog.text.count("28 clips from 7 audio files" if options else "7 images in") == 2
 
 
 # broken files -----------------------------------------------------------------------------------
