@@ -44,7 +44,7 @@ from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
 from datamodules.latents import MANIFEST_NAME
-from datamodules.media.spec import MediaSpec, TokenAxis
+from datamodules.media.spec import MediaSpec, TokenAxis, by_autoencoder_name
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
 from datamodules.video import VideoTransform
@@ -259,8 +259,7 @@ def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoenc
     manifest = {
         "sources": urls,
         "options": options,
-        "autoencoder": describe(codecs["x"]),
-        **({"audio_autoencoder": describe(codecs["audio"])} if "audio" in codecs else {}),
+        **by_autoencoder_name({key: describe(codec) for key, codec in codecs.items()}),
         "text_encoders": [
             {"path": s.path, "subfolder": s.subfolder, "tokenizer_subfolder": s.tokenizer_subfolder, "kind": e.kind,
              "max_length": s.max_length, "layer": s.layer, "fingerprint": e.fingerprint}
@@ -335,8 +334,7 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
     transform = media_transform(codec, audio_codec, size, keep_aspect, max_frames, sample_rate, fps, max_seconds,
                                 min_seconds)
     same_job(out_dir, {"sources": names, "options": media_options(transform),
-                       **{name: codecs[key].fingerprint for key, name in (("x", "autoencoder"), ("audio", "audio_autoencoder"))
-                          if key in codecs},
+                       **by_autoencoder_name({key: codec.fingerprint for key, codec in codecs.items()}),
                        "text_encoders": text.fingerprints if text is not None else []})
     todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
     total = sum(count_samples(todo).values()) if todo else 0

@@ -135,6 +135,12 @@ def test_cached_latents_check_the_shards_manifest_against_the_model(tmp_path: Pa
         t.follow(MediaSpec(fps=fps, made_with=made_with))
         with pytest.raises(ValueError, match=re.escape(words)):
             t.check_shards(shards)
+    # the encoder of the cache and the model name a stream's autoencoder by one map
+    from datamodules.media.spec import by_autoencoder_name
+
+    assert by_autoencoder_name({"x": "f1", "audio": "f2"}) == {"autoencoder": "f1", "audio_autoencoder": "f2"}
+    with pytest.raises(ValueError, match="stream 'depth': no latent-cache name for its autoencoder"):
+        by_autoencoder_name({"depth": "f3"})
 
 
 def test_sampling_encodes_the_captions_once(pretrained, monkeypatch) -> None:
