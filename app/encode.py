@@ -32,21 +32,19 @@ import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
+from app.encode_batches import KEPT_FIELDS, encode_in_batches
 from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
-from datamodules.decoders import BadSample, decode_sample
 from datamodules.latents import MANIFEST_NAME
-from datamodules.media.spec import MediaSpec, TokenAxis
+from datamodules.media.spec import MediaSpec, TokenAxis, by_autoencoder_name
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
 from datamodules.video import VideoTransform
@@ -60,7 +58,6 @@ log = logging.getLogger("duoflow.encode")
 STATS_NAME = "latent-stats.json"
 STREAMS = (("x", "latent.npy", STATS_NAME), ("audio", "audio_latent.npy", "audio-latent-stats.json"))
 """Batch key -> stored field and statistics file, per stream (the video's soundtrack is the second)."""
-KEPT_FIELDS = ("cls", "txt", "json")
 
 
 # ---------------------------------------------------------------- what runs where
@@ -121,22 +118,6 @@ def media_transform(codec: PretrainedAutoencoder, audio_codec: PretrainedAutoenc
     return ImageTransform(size=size, keep_aspect=keep_aspect, multiple=codec.spatial_factor)
 
 
-def read_shard(url: str, transform: SampleTransform, bad: list[str]) -> Iterator[tuple[dict, dict]]:
-    """(decoded sample, transformed sample) of one shard in order; bad samples appended to ``bad`` and skipped."""
-    def broken_tar(exn: Exception) -> bool:
-        bad.append(f"{url}: {type(exn).__name__}: {exn}")
-        log.warning("encode: unreadable part of %s: %s", url, exn)
-        return True  # keep going with what can be read
-
-    for raw in wds.DataPipeline(wds.SimpleShardList([url]), wds.tarfile_to_samples(handler=broken_tar)):
-        try:
-            decoded = decode_sample(raw)
-            yield decoded, transform(decoded)
-        except BadSample as exn:
-            bad.append(str(exn))
-            log.warning("encode: skipped bad sample %s", exn)
-
-
 # ---------------------------------------------------------------- encoding one shard
 
 
@@ -189,18 +170,8 @@ class Encoder:
         stem, result = output_stem(url), ShardResult()
         tmp_pattern = str(out_dir / f".{stem}.tmp-%06d.tar")
         with ShardWriter(tmp_pattern, maxcount=10**9, index=False) as writer:  # finalize writes index.json
-            batch: list[tuple[dict, dict]] = []
-            for decoded, sample in read_shard(url, transform, result.bad):
-                if batch and (len(batch) >= self.batch_size or self.shape(sample) != self.shape(batch[0][1])):
-                    for stored in self.encode_batch(batch, result):
-                        writer.write(stored)
-                    bar.update(len(batch))
-                    batch = []
-                batch.append((decoded, sample))
-            if batch:
-                for stored in self.encode_batch(batch, result):
-                    writer.write(stored)
-                bar.update(len(batch))
+            encode_in_batches([url], transform, self.shape, lambda batch: self.encode_batch(batch, result),
+                              writer.write, self.batch_size, bar, result.bad)
         tmp = Path(tmp_pattern % 0)
         if result.samples == 0:  # nothing usable: no shard, the done file says why
             tmp.unlink(missing_ok=True)
@@ -287,8 +258,7 @@ def finalize(out_dir: Path, urls: list[str], codecs: dict[str, PretrainedAutoenc
     manifest = {
         "sources": urls,
         "options": options,
-        "autoencoder": describe(codecs["x"]),
-        **({"audio_autoencoder": describe(codecs["audio"])} if "audio" in codecs else {}),
+        **by_autoencoder_name({key: describe(codec) for key, codec in codecs.items()}),
         "text_encoders": [
             {"path": s.path, "subfolder": s.subfolder, "tokenizer_subfolder": s.tokenizer_subfolder, "kind": e.kind,
              "max_length": s.max_length, "layer": s.layer, "fingerprint": e.fingerprint}
@@ -363,8 +333,7 @@ def encode_shards(src: str, out: str, autoencoder: str, subfolder: str | None = 
     transform = media_transform(codec, audio_codec, size, keep_aspect, max_frames, sample_rate, fps, max_seconds,
                                 min_seconds)
     same_job(out_dir, {"sources": names, "options": media_options(transform),
-                       **{name: codecs[key].fingerprint for key, name in (("x", "autoencoder"), ("audio", "audio_autoencoder"))
-                          if key in codecs},
+                       **by_autoencoder_name({key: codec.fingerprint for key, codec in codecs.items()}),
                        "text_encoders": text.fingerprints if text is not None else []})
     todo = [u for u in my_shards(urls, rank, world) if not is_done(out_dir, u)]
     total = sum(count_samples(todo).values()) if todo else 0

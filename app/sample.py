@@ -83,7 +83,9 @@ def load_generator(ckpt_path: str | Path, device: str = "cpu", ema: bool = True,
 
 def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tuple[int, ...]] | None:
     """Each stream's latent shape for clips of ``frames`` frames or ``seconds`` seconds (None: the trained
-    default), rounded down to what tokenizes whole (a causal video codec: 1 + 4m frames)."""
+    default), rounded down to what tokenizes whole (a causal video codec: 1 + 4m frames), by the rule of the
+    model's own ``seconds`` (models.generators.whole_latent)."""
+    from models.generators import whole_latent
     from models.tokenizers.audio import AudioFrames
     from models.tokenizers.video import VideoPatches
 
@@ -95,20 +97,18 @@ def latent_shapes(model, frames: int | None, seconds: float | None) -> list[tupl
     if not video and (frames is not None or not audio):
         raise UserError(f"--{'frames' if frames is not None else 'seconds'}: {type(model).__name__} makes no "
                         f"{'video' if frames is not None else 'video or audio'}")
-    if video:
-        wanted = frames if frames is not None else round(seconds * spec.fps)
-        kept = spec.time.keep(wanted)
-        if kept < 1:
-            raise UserError(f"--frames/--seconds: {wanted} frames is shorter than one token ({spec.time.multiple} frames)")
-        i = video[0]
-        shapes[i] = (shapes[i][0], spec.time.latent(kept), *shapes[i][2:])
-        seconds = kept / spec.fps  # the soundtrack lasts as long as the frames kept
-    for i in audio:
-        samples = round(seconds * spec.sample_rate)
-        latent = spec.samples.whole_latent(samples)
-        if latent < spec.samples.patch:
-            raise UserError(f"--seconds {seconds}: shorter than one token of audio")
-        shapes[i] = (shapes[i][0], latent)
+    try:
+        if video:
+            asked = f"--frames {frames}" if frames is not None else f"--seconds {seconds}"
+            latent = whole_latent(frames if frames is not None else round(seconds * spec.fps), spec.time, asked, "frames")
+            i = video[0]
+            shapes[i] = (shapes[i][0], latent, *shapes[i][2:])
+            seconds = spec.time.span(latent) / spec.fps  # the soundtrack lasts as long as the frames kept
+        for i in audio:
+            latent = whole_latent(round(seconds * spec.sample_rate), spec.samples, f"--seconds {seconds}", "samples")
+            shapes[i] = (shapes[i][0], latent)
+    except ValueError as exn:
+        raise UserError(str(exn)) from None
     return shapes
 
 

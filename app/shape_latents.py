@@ -11,42 +11,30 @@ Encoding is deterministic: the first ``points`` stored surface points, no poster
 from __future__ import annotations
 
 import json
-import logging
 import os
-from collections.abc import Iterator
+from functools import partial
 from pathlib import Path
 
 import numpy as np
 import torch
-import webdataset as wds
 from tqdm import tqdm
 
-from datamodules.decoders import BadSample, decode_sample
+from app.encode_batches import KEPT_FIELDS, encode_in_batches
+from datamodules.decoders import BadSample
 from datamodules.shapes import checked_array
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import SampleTransform
 from datamodules.writers import CLASSES_NAME, ShardWriter, write_classes
 from models.codecs.shape import load_shape_codec
 
-log = logging.getLogger("duoflow.data")
 
-KEPT_FIELDS = ("cls", "txt", "json")
-
-
-def read_shape_samples(urls: list[str]) -> Iterator[tuple[dict, np.ndarray]]:
-    """(decoded sample, its surface points (N, 3)) in shard order; bad samples logged and skipped."""
-    raw = wds.DataPipeline(wds.SimpleShardList(urls), wds.tarfile_to_samples())
-    for sample in raw:
-        try:
-            decoded = decode_sample(sample)
-            where = SampleTransform.where(decoded)
-            pts = checked_array(decoded, "points.npy", where, (None, 3))
-            if len(pts) == 0:
-                raise BadSample(f"{where}: points.npy is empty")
-        except BadSample as exn:
-            log.warning("encode: skipped bad sample %s", exn)
-            continue
-        yield decoded, pts
+def surface_points(decoded: dict, points: int | None) -> np.ndarray:
+    """A shape sample's surface points (N, 3), the first ``points`` of them (None: all); BadSample when unusable."""
+    where = SampleTransform.where(decoded)
+    pts = checked_array(decoded, "points.npy", where, (None, 3))
+    if len(pts) == 0:
+        raise BadSample(f"{where}: points.npy is empty")
+    return pts[:points] if points else pts
 
 
 @torch.no_grad()
@@ -68,28 +56,21 @@ def encode_shape_shards(
     if classes.is_file():
         write_classes(out, json.loads(classes.read_text()))
     total = sum(count_samples(urls).values()) if all(os.path.isfile(u) for u in urls) else None  # for the progress bar
-    with ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer:
-        batch: list[tuple[dict, np.ndarray]] = []
 
-        def flush() -> None:
-            x = torch.from_numpy(np.stack([p for _, p in batch]).astype(np.float32)).to(device)  # (B, N, 3)
-            latents = codec.encode(x).float().cpu().numpy()  # (B, K, d)
-            for (decoded, _), z in zip(batch, latents):
-                kept = {k: decoded[k] for k in KEPT_FIELDS if k in decoded}
-                writer.write({"__key__": decoded["__key__"], "latent.npy": z,
-                              "points.npy": np.asarray(decoded["points.npy"], np.float32), **kept})
-            batch.clear()
+    def encode_batch(batch: list[tuple[dict, np.ndarray]]) -> list[dict]:
+        x = torch.from_numpy(np.stack([p for _, p in batch]).astype(np.float32)).to(device)  # (B, N, 3)
+        latents = codec.encode(x).float().cpu().numpy()  # (B, K, d)
+        return [{"__key__": decoded["__key__"], "latent.npy": z,
+                 "points.npy": np.asarray(decoded["points.npy"], np.float32),
+                 **{k: decoded[k] for k in KEPT_FIELDS if k in decoded}} for (decoded, _), z in zip(batch, latents)]
 
-        for decoded, pts in tqdm(read_shape_samples(urls), total=total, desc="encode shapes", unit="shape",
-                                 disable=not progress):
-            pts = pts[:points] if points else pts
-            if batch and (len(batch) >= batch_size or len(pts) != len(batch[0][1])):
-                flush()
-            batch.append((decoded, pts))
-        if batch:
-            flush()
+    bad: list[str] = []  # each also named in the log as it comes
+    with (ShardWriter(os.path.join(out, f"{prefix}-%06d.tar"), maxcount=shard_size) as writer,
+          tqdm(total=total, desc="encode shapes", unit="shape", disable=not progress) as bar):
+        encode_in_batches(urls, partial(surface_points, points=points), np.shape, encode_batch, writer.write,
+                          batch_size, bar, bad)
     if not writer.paths:
-        raise ValueError(f"encode_shape_shards: no usable shape samples in {src!r} (see the warnings above)")
+        raise ValueError(f"encode_shape_shards: no usable shape samples in {src!r} ({len(bad)} bad, see the warnings above)")
     meta = {"checkpoint": str(Path(ckpt).resolve()), "latents": codec.cfg.latents, "latent_dim": codec.cfg.latent_dim,
             "latent_scale": float(codec.latent_scale)}
     (Path(out) / "encoder.json").write_text(json.dumps(meta, indent=1) + "\n")

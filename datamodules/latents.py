@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from datamodules.decoders import BadSample
+from datamodules.media.spec import AUTOENCODER_NAMES
 from datamodules.transforms import SampleTransform
 
 LATENT_FIELDS = {"latent.npy": "x_latent", "audio_latent.npy": "audio_latent"}
@@ -75,9 +76,8 @@ class CachedLatents(SampleTransform):
         if "://" in urls[0] or not manifest_path.is_file():
             return
         manifest = json.loads(manifest_path.read_text())
-        made = {"autoencoder": (manifest.get("autoencoder") or {}).get("fingerprint"),
-                "audio_autoencoder": (manifest.get("audio_autoencoder") or {}).get("fingerprint"),
-                "text_encoders": [e.get("fingerprint") for e in manifest.get("text_encoders") or []] or None}
+        made = {name: (manifest.get(name) or {}).get("fingerprint") for name in AUTOENCODER_NAMES.values()}
+        made["text_encoders"] = [e.get("fingerprint") for e in manifest.get("text_encoders") or []] or None
         for name, wanted in self.spec.made_with.items():
             if made.get(name) is not None and made[name] != wanted:
                 raise ValueError(f"{manifest_path}: the shards were made with {name} {made[name]}, but the model's "

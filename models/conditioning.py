@@ -213,8 +213,23 @@ class PretrainedTextEncoder(TextConditionModule):
     def fingerprints(self) -> list[str]:
         return self.text.fingerprints
 
+    def check(self, cond: dict[str, Any]) -> None:
+        """Cached caption embeddings (``txt_tokens``/``txt_pooled`` from encoded shards) as wide as this model's
+        encoders give them, in their order: checked once per batch on the host and once per sampling run, not at
+        every forward (an ODE runs the model at every step)."""
+        if "txt_tokens" not in cond:
+            return
+        tokens, pooled = cond["txt_tokens"], torch.as_tensor(cond["txt_pooled"])  # host values: only shapes read
+        widths = [t.shape[-1] for t in tokens[0]] if len(tokens) else []
+        if widths != self.text.token_dims or pooled.shape[-1] != self.text.pooled_dim:
+            raise ValueError(f"cached caption embeddings have token widths {widths} and a pooled width "
+                             f"{pooled.shape[-1]}; the model's text encoders (model.conditioning) give "
+                             f"{self.text.token_dims} and {self.text.pooled_dim}: encode the shards with the same "
+                             "--text-encoder list, in the same order")
+
     def prepare(self, cond: dict[str, Any]) -> dict[str, Any]:
         """Captions encoded once for a sampling run (the ODE calls the model at every step, twice with CFG)."""
+        self.check(cond)
         if "txt_tokens" in cond or "txt" not in cond:
             return cond
         tokens, pooled = self.embeddings(cond)
@@ -222,16 +237,9 @@ class PretrainedTextEncoder(TextConditionModule):
 
     def embeddings(self, cond: dict[str, Any]) -> tuple[list[list[Tensor]], Tensor]:
         """Per caption, each encoder's (L_i, D_i) token states, and the (B, P) pooled vectors: cached
-        (``txt_tokens``/``txt_pooled`` from encoded shards) or encoded now from ``txt``."""
+        (``txt_tokens``/``txt_pooled`` from encoded shards, checked by ``check``) or encoded now from ``txt``."""
         if "txt_tokens" in cond:
-            tokens, pooled = [list(per_caption) for per_caption in cond["txt_tokens"]], torch.as_tensor(cond["txt_pooled"])
-            widths = [t.shape[-1] for t in tokens[0]] if tokens else []
-            if widths != self.text.token_dims or pooled.shape[-1] != self.text.pooled_dim:
-                raise ValueError(f"cached caption embeddings have token widths {widths} and a pooled width "
-                                 f"{pooled.shape[-1]}; the model's text encoders (model.conditioning) give "
-                                 f"{self.text.token_dims} and {self.text.pooled_dim}: encode the shards with the same "
-                                 "--text-encoder list, in the same order")
-            return tokens, pooled
+            return [list(per_caption) for per_caption in cond["txt_tokens"]], torch.as_tensor(cond["txt_pooled"])
         encoded = self.text.encode(list(cond["txt"]))
         per_encoder = [encoded.unpadded(i) for i in range(len(encoded.tokens))]
         return [list(per_caption) for per_caption in zip(*per_encoder)], encoded.pooled

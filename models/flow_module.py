@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch import Tensor, nn
 
-from datamodules.media.spec import MediaSpec, agree
+from datamodules.media.spec import MediaSpec, agree, by_autoencoder_name
 from models import flow
 from models.backbone import MMDiT, MMDiTConfig
 from models.codecs.base import Codec
@@ -139,10 +139,8 @@ class FlowMatchingModule(RunState, L.LightningModule):
             part = tok.media(codec, key)
             sources.update(part.pop("sources", {}))
             fields.update(part)
-        made_with: dict[str, Any] = {}
-        for name, codec in zip(("autoencoder", "audio_autoencoder"), self.codecs):
-            if codec.fingerprint:
-                made_with[name] = codec.fingerprint
+        fingerprints = {key: codec.fingerprint for key, codec in zip(self.keys, self.codecs) if codec.fingerprint}
+        made_with: dict[str, Any] = by_autoencoder_name(fingerprints)
         if self.cond.fingerprints:
             made_with["text_encoders"] = list(self.cond.fingerprints)
         return MediaSpec(**fields, made_with=made_with, sources=sources)

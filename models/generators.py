@@ -52,6 +52,17 @@ class ImageFlow(FlowMatchingModule):
 RATE_UNITS = {"samples": "Hz", "frames": "fps"}
 
 
+def whole_latent(steps: int, axis: TokenAxis, what: str, unit: str) -> int:
+    """Latent frames of ``steps`` media steps (frames, samples) that make whole tokens along ``axis``; one
+    ValueError line naming ``what`` asked for them when they make none. The rule of a model's ``seconds``
+    (frames_for) and of ``duoflow sample --frames/--seconds``."""
+    latent = axis.whole_latent(steps)
+    if steps <= 0 or latent < axis.patch:
+        raise ValueError(f"{what}: {steps} {unit} make no whole token ({axis.multiple} {unit} each); "
+                         "expected a longer duration")
+    return latent
+
+
 def frames_for(seconds: float | None, rate: float, axis: TokenAxis, stated: int | None, keys: tuple[str, str],
                unit: str) -> int | None:
     """Latent frames of a ``seconds`` long sample (``rate`` media steps per second, turned into latent frames
@@ -61,10 +72,7 @@ def frames_for(seconds: float | None, rate: float, axis: TokenAxis, stated: int 
         return stated
     seconds_key, frames_key = keys
     steps = round(seconds * rate)
-    latent = axis.whole_latent(steps)
-    if seconds <= 0 or latent < axis.patch:
-        raise ValueError(f"{seconds_key}={seconds}: {steps} {unit} make no whole token ({axis.multiple} {unit} each); "
-                         "expected a longer duration")
+    latent = whole_latent(steps, axis, f"{seconds_key}={seconds}", unit)
     return agree(frames_key, stated, latent, f"{seconds_key}={seconds} ({steps} {unit} at {rate:g} {RATE_UNITS[unit]})")
 
 

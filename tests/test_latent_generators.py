@@ -83,6 +83,23 @@ def test_dropped_captions_use_the_empty_caption(pretrained) -> None:
     assert ctx[1].shape[0] != ctx[0].shape[0]  # the kept caption keeps its own tokens
 
 
+def test_cached_embeddings_of_other_encoders_are_refused_in_one_line_before_the_step(pretrained) -> None:
+    """Embeddings cached by other text encoders (here: the first encoder's only) are refused where conditions are
+    checked (on the host, as a batch moves to the device; once per sampling run), not inside the forward."""
+    import pytest
+
+    model = latent_flow(pretrained)
+    good = cached_batch(model, torch.rand(4, 3, 16, 16) * 2 - 1, CAPTIONS)
+    model.transfer_batch_to_device(good, torch.device("cpu"), 0)
+    bad = {**good, "txt_tokens": [per_caption[:1] for per_caption in good["txt_tokens"]]}
+    words = f"cached caption embeddings have token widths [{model.cond.text.token_dims[0]}] and a pooled width"
+    for check in (lambda: model.transfer_batch_to_device(bad, torch.device("cpu"), 0),
+                  lambda: model.generate({key: bad[key] for key in ("txt", "txt_tokens", "txt_pooled")}, 4)):
+        with pytest.raises(ValueError, match=re.escape(words)) as info:
+            check()
+        assert "\n" not in str(info.value) and "--text-encoder list, in the same order" in str(info.value)
+
+
 def test_checkpoint_keeps_folders_and_fingerprints_not_pretrained_weights(pretrained, tmp_path) -> None:
     model = latent_flow(pretrained)
     names = set(model.state_dict())
@@ -135,6 +152,12 @@ def test_cached_latents_check_the_shards_manifest_against_the_model(tmp_path: Pa
         t.follow(MediaSpec(fps=fps, made_with=made_with))
         with pytest.raises(ValueError, match=re.escape(words)):
             t.check_shards(shards)
+    # the encoder of the cache and the model name a stream's autoencoder by one map
+    from datamodules.media.spec import by_autoencoder_name
+
+    assert by_autoencoder_name({"x": "f1", "audio": "f2"}) == {"autoencoder": "f1", "audio_autoencoder": "f2"}
+    with pytest.raises(ValueError, match="stream 'depth': no latent-cache name for its autoencoder"):
+        by_autoencoder_name({"depth": "f3"})
 
 
 def test_sampling_encodes_the_captions_once(pretrained, monkeypatch) -> None:

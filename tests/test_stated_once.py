@@ -5,6 +5,7 @@ contradicts the derived one is one error line naming both config keys."""
 from __future__ import annotations
 
 import itertools
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -139,6 +140,28 @@ def test_lengths_are_stated_in_seconds_and_frames_derived() -> None:
                                      backbone=TINY_BACKBONE, fps=8, seconds=0.1), "model.seconds=0.1", "no whole token")
     both = audiovideo(tokenizer=VideoPatches(size=16, patch=2, tpatch=2), seconds=0.5)  # 4 frames at 8 fps
     assert both.tokenizer.frames == 4 and both.tokenizers[1].frames == 4 * 8000 // 8 // 125
+
+
+def test_sample_lengths_follow_the_models_seconds_rule() -> None:
+    """``duoflow sample --frames/--seconds`` samples the latent lengths a model built with those seconds has (one
+    rule: models.generators.whole_latent); a video's soundtrack lasts as long as the frames kept."""
+    from app.errors import UserError
+    from app.sample import latent_shapes
+
+    clip = video()  # 6 fps, tpatch 2
+    assert latent_shapes(clip, 13, None)[0][1] == 12  # whole tubelets
+    for seconds in (1.34, 2.0):
+        made = VideoFlow(tokenizer=VideoPatches(size=16, patch=2, tpatch=2), conditioning=ClassLabel(4),
+                         backbone=TINY_BACKBONE, fps=6, seconds=seconds)
+        assert latent_shapes(clip, None, seconds)[0][1] == made.tokenizer.frames
+    assert latent_shapes(audio(sample_rate=8000), None, 1.0)[0][1] == audio(sample_rate=8000, seconds=1.0).tokenizer.frames
+    shapes = latent_shapes(audiovideo(), 4, None)  # 4 frames at 8 fps: 0.5 s of sound
+    assert shapes[0][1] == 4 and shapes[1][1] == audiovideo(tokenizer=VideoPatches(size=16, patch=2, tpatch=2), seconds=0.5).tokenizers[1].frames
+    for frames, seconds, words in ((1, None, "--frames 1: 1 frames make no whole token (2 frames each)"),
+                                   (None, 0.01, "--seconds 0.01: 0 frames make no whole token")):
+        with pytest.raises(UserError, match=re.escape(words)) as info:
+            latent_shapes(clip, frames, seconds)
+        assert "\n" not in str(info.value)
 
 
 # ---------------------------------------------------------------- the data transform follows the model

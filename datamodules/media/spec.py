@@ -38,6 +38,21 @@ def agree_multiple(key: str, stated: int | None, derived: int, source: str) -> i
     raise ValueError(f"{key}={stated!r} contradicts {source} = {derived!r}; expected a multiple of it, or leave {key} out")
 
 
+AUTOENCODER_NAMES = {"x": "autoencoder", "audio": "audio_autoencoder"}
+"""Generated stream (batch key) -> the name of its pretrained autoencoder in a latent cache's manifest
+(``shards encode``) and in ``MediaSpec.made_with``."""
+
+
+def by_autoencoder_name(per_stream: Mapping[str, T]) -> dict[str, T]:
+    """Values per generated stream (``x``, ``audio``) -> per autoencoder name (``autoencoder``, ``audio_autoencoder``),
+    in stream order: the one place the encoder of a latent cache and the model that trains on it name streams alike."""
+    unknown = [key for key in per_stream if key not in AUTOENCODER_NAMES]
+    if unknown:
+        raise ValueError(f"stream {unknown[0]!r}: no latent-cache name for its autoencoder; expected a stream of "
+                         f"{', '.join(AUTOENCODER_NAMES)}")
+    return {AUTOENCODER_NAMES[key]: value for key, value in per_stream.items()}
+
+
 @dataclass(frozen=True)
 class TokenAxis:
     """How media along one axis (pixels of a side, frames of a clip, samples of a waveform) become tokens.
@@ -108,8 +123,9 @@ class MediaSpec:
     samples: TokenAxis = TokenAxis()
     """Along an audio waveform; ``samples.stride`` is the codec's hop."""
     made_with: Mapping[str, Any] = field(default_factory=dict, compare=False)
-    """Fingerprints of the pretrained models cached data must come from: ``autoencoder``,
-    ``audio_autoencoder`` (str) and ``text_encoders`` (list, in order); empty without pretrained models."""
+    """Fingerprints of the pretrained models cached data must come from: per autoencoder name (``autoencoder``,
+    ``audio_autoencoder``: ``by_autoencoder_name``) a str, and ``text_encoders`` (list, in order); empty without
+    pretrained models."""
     sources: Mapping[str, str] = field(default_factory=dict, compare=False)
     """Field -> where the model takes it from (config keys), for error messages."""
 
