@@ -30,7 +30,6 @@ import glob
 import json
 import logging
 import os
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
 from datamodules.latents import MANIFEST_NAME
+from datamodules.media.files import atomic_write_text as write_atomic  # one name tests can replace
 from datamodules.media.spec import MediaSpec, TokenAxis, by_autoencoder_name
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import ImageTransform, SampleTransform
@@ -191,14 +191,6 @@ def media_options(transform: SampleTransform) -> dict[str, Any]:
     """The media the shards hold, as the transform made them (checked against the model at training)."""
     keys = ("size", "keep_aspect", "max_frames", "fps", "sample_rate", "max_seconds")
     return {k: getattr(transform, k) for k in keys if isinstance(getattr(transform, k, None), (int, float, bool))}
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write text to path through a unique temporary file and a rename: readers never see half a file, and
-    two ranks finishing at once may both write the same content."""
-    from datamodules.media.files import atomic_write_text
-
-    atomic_write_text(path, text)
 
 
 JOB_NAME = "encode-job.json"

@@ -24,7 +24,7 @@ import torch
 
 from app.__main__ import main
 from app.checkpoint_io import AtomicCheckpointIO
-from callbacks.checkpoint import CHECKPOINT_NOT_SAVED_EXIT, CheckpointNotSaved, RunCheckpoint
+from callbacks.checkpoint import CheckpointNotSaved, RunCheckpoint
 from callbacks.preemption import Preemption
 from datamodules.shards import ShardDataModule
 from tests.conftest import ROOT
