@@ -68,7 +68,7 @@ def write_video_clips(
 ) -> ClipReport:
     """Cut every video of ``src`` into clips and write them as shards to ``out`` (see the module docstring)."""
     kind = Ingester(VIDEO_EXTENSIONS, "videos", functools.partial(by_path, functools.partial(read_clips, options=options)),
-                    functools.partial(clip_samples, options=options), fresh=True)
+                    functools.partial(clip_samples, options=options))
     return ingest(kind, ClipReport(max_frames_read=options.max_frames_read), src, out, captions=captions,
                   holdout=holdout, shard_size=shard_size, prefix=prefix, workers=workers, progress=progress)
 

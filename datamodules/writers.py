@@ -231,8 +231,6 @@ class Ingester:
     """(file, what ``read`` returned, the report for counters of its own) -> [(key, fields)], in write order."""
     nested: bool = False
     """Class folders searched to any depth, files in SRC kept beside them (``list_media``)."""
-    fresh: bool = False
-    """Refuse an output folder that already holds ``<prefix>-*.tar`` shards."""
     nothing: str = "no {unit}s written from {src}"
     """The error when no shard is written (``{unit}``, ``{src}``), before the summary."""
 
@@ -265,7 +263,7 @@ def ingest(
     folders = split_folders(out, holdout)
     check_workers(workers)
     classes, files = find_sources(src, kind.extensions, kind.noun, captions, kind.nested)
-    for folder in folders.values() if kind.fresh else ():
+    for folder in folders.values():  # shards of an earlier run would stay beside the new ones, read as data
         if any(folder.glob(f"{prefix}-*.tar")):
             raise ValueError(f"{folder} already holds {prefix}-*.tar shards; write to an empty folder (or remove them)")
     writer = SplitWriter(folders, holdout, classes, prefix, shard_size)

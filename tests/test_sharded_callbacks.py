@@ -79,6 +79,7 @@ def rank_main(rank: int, port: int, out: str) -> None:
                     "untouched": untouched, "sharded": sharded, "sample": x, "ema_saved": checkpoint[CKPT_KEY],
                     "ema_resumed": all(torch.equal(resumed.shadow[n], ema.shadow[n]) for n in ema.shadow),
                     "written": [str(p) for p in written]}, out)
+    dist.barrier()  # both ranks done before either tears gloo down (else one may abort at exit)
     dist.destroy_process_group()
 
 

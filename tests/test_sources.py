@@ -227,3 +227,16 @@ def test_a_folder_of_only_broken_files_is_one_error_line(tmp_path, capsys):
     assert shards("audio", str(tmp_path / "src"), str(tmp_path / "out")) == 2
     (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert "no audio files written" in line and "1 unreadable (zero.wav)" in line
+
+
+def test_a_folder_that_already_holds_shards_is_refused_in_one_line(tmp_path, capsys):
+    """A second run into the same folder would leave the first run's shards beside the new ones, and training
+    would read both: every folder command refuses, naming the folder, and writes nothing."""
+    src = make(tmp_path / "src", {f"f{i}.png": png((i, 2, 3)) for i in range(3)})
+    assert shards("images", str(src), str(tmp_path / "out")) == 0
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    capsys.readouterr()
+    assert shards("images", str(src), str(tmp_path / "out")) == 2
+    (line,) = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
+    assert str(tmp_path / "out") in line and "already holds img-*.tar shards" in line
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before

@@ -45,6 +45,7 @@ def _fsdp_rank(rank: int, port: int, out: str) -> None:
         grads = [p.grad.clone() for p in root.parameters()]
     if rank == 0:
         torch.save(grads, out)
+    dist.barrier()  # both ranks done before either tears gloo down (else one may abort at exit)
     dist.destroy_process_group()
 
 
