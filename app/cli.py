@@ -24,6 +24,7 @@ from lightning.pytorch.utilities import rank_zero_only
 from app.checkpoint_io import AtomicCheckpointIO
 from app.errors import UserError
 from callbacks.ranks import RankWatch
+from datamodules.media.files import atomic_write_text
 from datamodules.shards import ShardDataModule, expand_shards, shard_conditions
 from models.checkpoints import reading_as_data
 
@@ -201,7 +202,7 @@ class DuoflowCLI(LightningCLI):
             chosen = args.id
             if rank_zero_only.rank == 0:
                 run_dir.mkdir(parents=True, exist_ok=True)
-                id_file.write_text(args.id + "\n")
+                atomic_write_text(id_file, args.id + "\n")  # a crash mid-write must not lose the W&B run id
         return chosen
 
     # ---- checkpoints always land in the run directory, always with last.ckpt ----------------

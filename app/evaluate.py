@@ -26,6 +26,7 @@ from app.errors import UserError
 from app.evaluation.evaluators import known_labels
 from app.evaluation.modalities import evaluator_for
 from app.evaluation.run import evaluate_generator
+from datamodules.media.files import atomic_write_text
 from datamodules.shards import expand_shards, read_samples
 
 log = logging.getLogger("duoflow.eval")
@@ -148,6 +149,6 @@ def main(argv: list[str]) -> int:
               "accuracy on them is measured on its own training data, so compare it with the real_ ceiling instead)")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(result, indent=1) + "\n")
+        atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0

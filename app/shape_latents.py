@@ -21,6 +21,7 @@ from tqdm import tqdm
 
 from app.encode_batches import KEPT_FIELDS, encode_in_batches
 from datamodules.decoders import BadSample
+from datamodules.media.files import atomic_write_text
 from datamodules.shapes import checked_array
 from datamodules.shards import count_samples, expand_shards
 from datamodules.transforms import SampleTransform
@@ -73,5 +74,5 @@ def encode_shape_shards(
         raise ValueError(f"encode_shape_shards: no usable shape samples in {src!r} ({len(bad)} bad, see the warnings above)")
     meta = {"checkpoint": str(Path(ckpt).resolve()), "latents": codec.cfg.latents, "latent_dim": codec.cfg.latent_dim,
             "latent_scale": float(codec.latent_scale)}
-    (Path(out) / "encoder.json").write_text(json.dumps(meta, indent=1) + "\n")
+    atomic_write_text(Path(out) / "encoder.json", json.dumps(meta, indent=1) + "\n")
     return writer.paths

@@ -19,6 +19,7 @@ from string import Template
 import yaml
 
 from app.errors import UserError
+from datamodules.media.files import atomic_write_text
 
 ROOT = Path(__file__).resolve().parents[1]
 TEMPLATE = ROOT / "slurm" / "train.sbatch"
@@ -164,7 +165,7 @@ def render(args: argparse.Namespace, extra: list[str]) -> tuple[str, Path]:
 def submit(script: str, run_dir: Path) -> str:
     run_dir.mkdir(parents=True, exist_ok=True)  # Slurm does not create the log's folder
     path = run_dir / "train.sbatch"
-    path.write_text(script)
+    atomic_write_text(path, script)
     try:
         result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
     except FileNotFoundError:

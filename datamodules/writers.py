@@ -169,7 +169,7 @@ def write_index(paths: list[str], counts: list[int]) -> None:
 def write_classes(out: str, names: list[str]) -> None:
     """``<out>/classes.json``: the class names, index = class id."""
     Path(out).mkdir(parents=True, exist_ok=True)
-    (Path(out) / CLASSES_NAME).write_text(json.dumps(list(names), indent=1) + "\n")
+    atomic_write_text(Path(out) / CLASSES_NAME, json.dumps(list(names), indent=1) + "\n")
 
 
 class SplitWriter:
