@@ -10,6 +10,7 @@ time limit (callbacks/preemption.py) and resumes with `--ckpt_path last`.
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import subprocess
 import sys
@@ -167,7 +168,10 @@ def submit(script: str, run_dir: Path) -> str:
     path = run_dir / "train.sbatch"
     atomic_write_text(path, script)
     try:
-        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True)
+        # the job gets this environment (sbatch exports it), less the address of a W&B service this shell's
+        # process tree started: on the compute nodes it is unreachable, or a stale run id there is "in use"
+        env = {k: v for k, v in os.environ.items() if k != "WANDB_SERVICE"}
+        result = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, env=env)
     except FileNotFoundError:
         raise UserError("sbatch not found: run this on a Slurm login node (or see slurm/local-cluster.sh)") from None
     if result.returncode != 0:

@@ -10,6 +10,18 @@ import pytest
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """W&B puts its service's address in this process's environment (WANDB_SERVICE) for child processes to
+    share. A later test's subprocesses (a Slurm job, DDP ranks) would then log through this session's service,
+    where the run id of a killed rank's unfinished run stays "in use" and the requeued run cannot start.
+    Every test, and every fixture it sets up (a module's cluster copies the environment), starts without it,
+    as a job on a cluster does."""
+    os.environ.pop("WANDB_SERVICE", None)
+
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs/image/tiny.yaml")
 # the tiny image config shrunk so a training step takes milliseconds

@@ -403,3 +403,22 @@ def test_scancel_checkpoints_and_stays_cancelled(cluster: dict[str, str], tmp_pa
         assert ckpt["global_step"] == int(saved[0])
     finally:
         subprocess.run(["scancel", job], env=cluster, capture_output=True, timeout=30)
+
+
+def test_submit_leaves_this_processes_wandb_service_out_of_the_job(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A W&B service started by the submitting process (a notebook, a script) puts its address in the
+    environment; sbatch would export it to every rank, which would then log through a service they cannot
+    reach (or one where a killed run's id is still in use)."""
+    from app.slurm import submit
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "sbatch").write_text(f"#!/bin/sh\nenv >{tmp_path}/job-env\necho 42\n")
+    (bin_dir / "sbatch").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    monkeypatch.setenv("WANDB_SERVICE", "2-123-tcp-localhost-45678")
+    monkeypatch.setenv("MY_SETTING", "kept")
+    assert submit("#!/bin/bash\n", tmp_path / "run") == "42"
+    job_env = (tmp_path / "job-env").read_text().splitlines()
+    assert "MY_SETTING=kept" in job_env and not any(line.startswith("WANDB_SERVICE=") for line in job_env)
