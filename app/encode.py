@@ -42,7 +42,7 @@ from app.encode_batches import KEPT_FIELDS, encode_in_batches
 from app.errors import UserError
 from datamodules.audio import AudioTransform
 from datamodules.audiovideo import AudioVideoTransform
-from datamodules.latents import MANIFEST_NAME
+from datamodules.latents import LATENT_STREAMS, MANIFEST_NAME
 from datamodules.media.files import atomic_write_text as write_atomic  # one name tests can replace
 from datamodules.media.spec import MediaSpec, TokenAxis, by_autoencoder_name
 from datamodules.shards import count_samples, expand_shards
@@ -56,7 +56,8 @@ from models.text_encoders import TextEncoders, TextEncoderSpec
 log = logging.getLogger("duoflow.encode")
 
 STATS_NAME = "latent-stats.json"
-STREAMS = (("x", "latent.npy", STATS_NAME), ("audio", "audio_latent.npy", "audio-latent-stats.json"))
+STREAMS = tuple((key, field, {"x": STATS_NAME}.get(key, f"{key}-latent-stats.json"))
+                for key, field in LATENT_STREAMS.items())
 """Batch key -> stored field and statistics file, per stream (the video's soundtrack is the second)."""
 
 

@@ -20,7 +20,9 @@ from datamodules.decoders import BadSample
 from datamodules.media.spec import AUTOENCODER_NAMES
 from datamodules.transforms import SampleTransform
 
-LATENT_FIELDS = {"latent.npy": "x_latent", "audio_latent.npy": "audio_latent"}
+LATENT_STREAMS = {"x": "latent.npy", "audio": "audio_latent.npy"}
+"""Generated stream -> the shard field of its cached latents (`shards encode` writes them, this module reads them)."""
+LATENT_FIELDS = {field: f"{stream}_latent" for stream, field in LATENT_STREAMS.items()}
 """Stored field -> batch key, per generated stream."""
 MANIFEST_NAME = "manifest.json"
 MODEL_KEYS = {"autoencoder": "model.codec", "audio_autoencoder": "model.audio_codec",
