@@ -32,7 +32,7 @@ from callbacks.ema import EMA
 from callbacks.guards import NonFiniteGuard
 from callbacks.preemption import Preemption
 from callbacks.throughput import Throughput
-from common import median, report, table
+from common import median, report, sync, table
 from models.backbone import MMDiTConfig
 from models.conditioning import ClassLabel
 from models.generators import ImageFlow, OptimConfig
@@ -74,17 +74,13 @@ class Timer(L.Callback):
     def __init__(self, warmup: int, device: torch.device) -> None:
         self.warmup, self.device, self.t0, self.per_step = warmup, device, 0.0, 0.0
 
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-
     def on_train_batch_start(self, trainer: L.Trainer, *args: Any) -> None:
         if trainer.global_step == self.warmup:
-            self._sync()
+            sync(self.device)
             self.t0 = time.perf_counter()
 
     def on_train_end(self, trainer: L.Trainer, *args: Any) -> None:
-        self._sync()
+        sync(self.device)
         self.per_step = (time.perf_counter() - self.t0) / (trainer.global_step - self.warmup)
 
 
@@ -124,10 +120,6 @@ def main() -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-
     def fit(callbacks: list[L.Callback], run_dir: str, logged: bool) -> float:
         timer = Timer(args.warmup, device)
         trainer = L.Trainer(
@@ -145,11 +137,11 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         peak = args.peak_tflops * 1e12 if args.peak_tflops else None
         for r in range(args.rounds):
-            sync()
+            sync(device)
             t0 = time.perf_counter()
             for _ in range(args.steps):
                 bare_step()
-            sync()
+            sync(device)
             times.setdefault("bare step (forward, backward, AdamW)", []).append((time.perf_counter() - t0) / args.steps)
             times.setdefault("Lightning, no callbacks, no logger", []).append(fit([], f"{tmp}/plain{r}", False))
             times.setdefault("Lightning + base.yaml callbacks, progress bar, logger every step", []).append(
