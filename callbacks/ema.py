@@ -15,8 +15,8 @@ import lightning as L
 import torch
 from torch import Tensor
 
-from callbacks.sharded import fsdp_root, gather_full, shard_full
-from models.training import require_run_state
+from callbacks.sharded import gather_full, shard_full
+from models.training import fsdp_root, require_run_state
 
 CKPT_KEY = "ema_state_dict"
 

@@ -17,14 +17,10 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
+from models.training import fsdp_root
+
 WRAPPED = "_fsdp_wrapped_module."
 """What FSDP inserts into the parameter names of each wrapped submodule."""
-
-
-def fsdp_root(trainer: Any) -> FSDP | None:
-    """The root FSDP module when the trainer's strategy shards the model, else None."""
-    model = getattr(getattr(trainer, "strategy", None), "model", None)
-    return model if isinstance(model, FSDP) else None
 
 
 def clean(name: str) -> str:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
 log = logging.getLogger("duoflow.train")
 
@@ -102,15 +103,20 @@ def all_finite(
     return flag > 0, values
 
 
+def fsdp_root(trainer: Any) -> FSDP | None:
+    """The root FSDP module when the trainer's strategy shards the model, else None (also without a trainer)."""
+    model = getattr(getattr(trainer, "strategy", None), "model", None)
+    return model if isinstance(model, FSDP) else None
+
+
 def clip_gradients(module: Any, optimizer: Any, max_norm: float) -> None:
     """Scale the gradients so their global 2-norm is at most `max_norm`.
 
     Under FSDP the root FSDP module clips, because its norm covers every rank's shard. Lightning's FSDP
     precision plugin refuses norm clipping, and torch's `clip_grad_norm_` would only see this rank's
     shard. Everywhere else, Lightning's clipping runs (its precision plugins unscale first where needed)."""
-    trainer = getattr(module, "_trainer", None)  # None outside a Trainer (module.trainer would raise)
-    root = getattr(getattr(trainer, "strategy", None), "model", None)
-    if root is not module and callable(getattr(root, "clip_grad_norm_", None)):
+    root = fsdp_root(getattr(module, "_trainer", None))  # module.trainer would raise outside a Trainer
+    if root is not None:
         root.clip_grad_norm_(max_norm)
     else:
         module.clip_gradients(optimizer, gradient_clip_val=max_norm, gradient_clip_algorithm="norm")
@@ -124,15 +130,15 @@ def guarded_step(module: Any, loss: Tensor, batch_size: int, shown: dict[str, Te
     scalar) go to the progress bar as host values from the non-finite check's one read."""
     opt, sched = module.optimizers(), module.lr_schedulers()
     module.manual_backward(loss)
-    names = ["train/loss", *(shown or {})]
-    applied, values = all_finite(loss, module.parameters(), [loss, *(shown or {}).values()])
+    shown = {"train/loss": loss, **(shown or {})}
+    applied, values = all_finite(loss, module.parameters(), list(shown.values()))
     if applied:
         if module.optim.grad_clip > 0:
             clip_gradients(module, opt, module.optim.grad_clip)
         opt.step()
         sched.step()
         module.nonfinite_streak = 0
-        for name, value in zip(names, values):
+        for name, value in zip(shown, values):
             module.log(name, torch.tensor(value), prog_bar=True, batch_size=batch_size)
     else:
         module.nonfinite_streak += 1
