@@ -148,7 +148,6 @@ def main(argv: list[str]) -> int:
         print("real reference: N training samples scored as if generated (the floor of the distances; a classifier's "
               "accuracy on them is measured on its own training data, so compare it with the real_ ceiling instead)")
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(args.json, json.dumps(result, indent=1) + "\n")
         print(f"wrote {args.json}")
     return 0
